@@ -1,0 +1,302 @@
+"""Run configuration: YAML files mapped onto dataclasses with strict keys.
+
+Every key is checked: an unknown or mistyped key raises ConfigError naming it and the closest
+valid key. `--set a.b=c` overrides are applied to the raw YAML before checking (values are
+parsed as YAML, so `--set train.group_size=4` gives an int and `--set advantage.clip=null` None).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; the message is one line that says how."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "toy"  # built-in adapter name, package.module:Class, or path/to/file.py:Class
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the adapter's constructor
+
+
+@dataclass
+class RewardConfig:
+    name: str = "sequence_match"  # built-in reward name, package.module:name, or path/to/file.py:name
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor (class) or bound (function) args
+
+
+@dataclass
+class DataConfig:
+    source: str = "toy"  # built-in prompt set, a .jsonl/.json/.txt file, or package.module:function
+    kwargs: dict[str, Any] = field(default_factory=dict)  # for built-in sets and functions
+    eval_source: str | None = None  # held-out prompts; default: the set's own eval split or eval_fraction
+    eval_fraction: float = 0.1  # share of a prompt file held out when no eval split is given
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: Literal["grpo", "median", "rank", "ngrpo"] = "grpo"
+    scale: Literal["group", "batch", "none"] = "group"  # "none" is Dr.GRPO
+    combine: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    eps: float = 1e-4
+    clip: float | None = None  # clamp advantages to [-clip, clip]
+    max_reward: float | None = None  # the virtual best sample of NGRPO
+
+
+@dataclass
+class LossConfig:
+    ratio: Literal["token", "sequence"] = "token"  # "sequence" is GSPO
+    eps_low: float = 0.2
+    eps_high: float | None = None  # None: same as eps_low; 0.28 is DAPO's clip-higher
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    beta: float = 0.0  # KL-to-reference weight; 0 skips the reference forward entirely
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_closed_form: bool = True  # use the Gaussian closed form when the adapter returns mean/std
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    ema_decay: float | None = None  # EMA of trainable weights (used for the final eval)
+    ema_every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 100
+    prompts_per_step: int = 8  # B, global over all processes
+    group_size: int = 8  # G samples per prompt
+    micro_batch_size: int = 64  # rows per forward/backward on one process
+    step_chunk: int | None = None  # decision steps per backward (None: all steps at once)
+    num_iterations: int = 1  # optimizer steps on each rollout (inner epochs, TRL's mu)
+    dynamic_sampling: bool = False  # drop groups whose rewards all agree and refill
+    dynamic_sampling_max_rounds: int = 4
+    mixed_precision: Literal["no", "bf16"] = "no"
+    cpu: bool = False  # force CPU even when a GPU is present
+    checkpoint_every: int = 50  # steps; a final checkpoint is always written
+    keep_checkpoints: int = 2
+    gallery_every: int = 0  # steps between training galleries (0: only before/after)
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 16  # held-out prompts scored before and after training (0: no eval)
+    samples_per_prompt: int = 1
+    batch_size: int = 16  # prompts per sampling call during eval
+    seed: int = 1234
+    primary: str | None = None  # reward reported as the headline (default: the first reward)
+    gallery: int = 8  # samples exported to samples/ before and after
+
+
+@dataclass
+class Config:
+    modality: str = "custom"
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    data: DataConfig = field(default_factory=DataConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building dataclasses strictly
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where} = {value!r} is not one of {', '.join(map(repr, args))}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    label = where or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must be a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{_join(where, close[0])}'?)" if close else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}")
+    kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+# ---------------------------------------------------------------- overrides and files
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` (list items by index: `rewards.0.weight=2`) to raw YAML data."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r} needs the form key.path=value, e.g. train.max_steps=50")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        node = _child(node, key, ".".join(keys[: i + 1]), create=True)
+    last = keys[-1]
+    if isinstance(node, list):
+        index = _index(node, last, path)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {path}: '{'.'.join(keys[:-1])}' is a value, not a section")
+
+
+def _index(node: list, key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"--set {path}: '{key}' is not an index of a list of {len(node)} items")
+    return int(key)
+
+
+def _child(node: Any, key: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {path}: parent is a value, not a section")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
+
+
+def config_dir() -> Path:
+    """The folder of the shipped YAML configs (mmgrpo.configs)."""
+    return Path(str(resources.files("mmgrpo.configs")))
+
+
+def available_modalities() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def modality_config_path(modality: str) -> Path:
+    path = config_dir() / f"{modality}.yaml"
+    if not path.is_file():
+        names = available_modalities()
+        close = difflib.get_close_matches(modality, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown modality '{modality}'{hint}; available: {', '.join(names)}")
+    return path
+
+
+def load_config(source: str | Path | dict | Config | None = None, overrides: list[str] = ()) -> Config:
+    """A Config from a modality name, a YAML path, a dict or a Config, with `key=value` overrides."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    elif str(source).endswith((".yaml", ".yml")) or Path(str(source)).is_file():
+        data = read_yaml(source)
+    else:
+        data = read_yaml(modality_config_path(str(source)))
+    data = _deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(Config, data)
+
+
+def _deepcopy(data: Any) -> Any:
+    return copy.deepcopy(data)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

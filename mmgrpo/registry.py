@@ -1,0 +1,84 @@
+"""Explicit tables of built-in adapters, rewards and prompt sets, and name resolution.
+
+A name in YAML resolves as: a built-in name from these tables, `package.module:Name`, or
+`path/to/file.py:Name`. Built-ins are import strings, so nothing heavy is imported until used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from mmgrpo.config import ConfigError
+
+ADAPTERS: dict[str, str] = {
+    "toy": "mmgrpo.pipelines.toy:ToyAdapter",
+}
+
+REWARDS: dict[str, str] = {
+    "sequence_match": "mmgrpo.rewards.sequence:sequence_match",
+    "exact_match": "mmgrpo.rewards.sequence:exact_match",
+}
+
+DATASETS: dict[str, str] = {
+    "toy": "mmgrpo.pipelines.toy:toy_prompts",
+}
+
+ESTIMATORS = {
+    "grpo": "(r - group mean) / (std + eps); scale group | batch | none (Dr.GRPO)",
+    "median": "MC-GRPO: baseline = group median, the pivot row is excluded",
+    "rank": "G2RPO: ranks mapped to standard-normal quantiles",
+    "ngrpo": "NGRPO: statistics include a virtual best sample (advantage.max_reward)",
+    "normalize_then_sum": "GDPO (advantage.combine): per-reward group normalisation, then batch",
+}
+
+LOSSES = {
+    "token": "per-step ratio, clipped at [1 - eps_low, 1 + eps_high]",
+    "sequence": "GSPO: one ratio per row, exp(mean log-ratio)",
+    "grpo": "aggregation: mean over rows of each row's step mean",
+    "bnpo": "aggregation: step mean over each micro-batch",
+    "dr_grpo": "aggregation: sum / (rows * T)",
+    "dapo": "aggregation: sum / active steps of the whole optimizer step (all ranks)",
+    "k1 | k2 | k3": "KL estimators; closed-form Gaussian KL when the adapter returns mean/std",
+}
+
+
+def resolve(spec: str, table: dict[str, str], kind: str) -> Any:
+    """The object named by `spec`: a key of `table`, `module:attr` or `file.py:attr`."""
+    target = table.get(spec, spec)
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        close = difflib.get_close_matches(spec, list(table), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"unknown {kind} '{spec}'{hint}: use a built-in ({', '.join(sorted(table))}), "
+            f"package.module:Name or path/to/file.py:Name"
+        )
+    if module_name.endswith(".py") or "/" in module_name:
+        module = _load_file(Path(module_name), kind)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"{kind} '{spec}': cannot import module '{module_name}' ({e})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{kind} '{spec}': module '{module_name}' has no attribute '{attr}'") from None
+
+
+def _load_file(path: Path, kind: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{kind} file '{path}' does not exist")
+    name = f"mmgrpo_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

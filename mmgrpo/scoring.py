@@ -1,0 +1,86 @@
+"""Running reward callables over a rollout: validation, sub-scores, NaN for unscored rows."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from mmgrpo.config import ConfigError, RewardConfig
+from mmgrpo.data import prompt_meta
+from mmgrpo.registry import REWARDS, resolve
+
+
+def build_rewards(configs: Sequence[RewardConfig]) -> dict[str, Callable]:
+    """name -> callable for each reward in the config (classes are instantiated with kwargs)."""
+    out: dict[str, Callable] = {}
+    for cfg in configs:
+        obj = resolve(cfg.name, REWARDS, "reward")
+        if inspect.isclass(obj):
+            fn = obj(**cfg.kwargs)
+        elif cfg.kwargs:
+            fn = functools.partial(obj, **cfg.kwargs)
+        else:
+            fn = obj
+        key = reward_key(cfg.name)
+        if key in out:
+            raise ConfigError(f"reward '{key}' is listed twice in rewards: give each reward once")
+        out[key] = fn
+    return out
+
+
+def reward_key(name: str) -> str:
+    """The short name metrics use for a reward: 'pkg.mod:clip_score' -> 'clip_score'."""
+    return name.rpartition(":")[2] or name
+
+
+def score_rollout(
+    rewards: Mapping[str, Callable], samples: Sequence[Any], prompts: Sequence[Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run every reward on the samples.
+
+    Returns the components [N, K] fp32 (NaN: could not score) in the order of `rewards`, and
+    sub-scores {"<reward>/<sub>": [N]} from rewards that return a dict.
+    """
+    meta = prompt_meta(prompts)
+    n = len(samples)
+    columns, subs = [], {}
+    for name, fn in rewards.items():
+        try:
+            out = fn(samples, prompts, **meta)
+        except TypeError as e:
+            if "unexpected keyword" in str(e):
+                raise ConfigError(
+                    f"reward '{name}' does not accept the prompt fields {sorted(meta)}: add **kwargs to its signature"
+                ) from None
+            raise
+        if isinstance(out, Mapping):
+            if "score" not in out:
+                raise ConfigError(f"reward '{name}' returned a dict without the key 'score' (got {sorted(out)})")
+            for sub, values in out.items():
+                if sub != "score":
+                    subs[f"{name}/{sub}"] = _as_tensor(values, n, f"{name}/{sub}")
+            out = out["score"]
+        columns.append(_as_tensor(out, n, name))
+    return torch.stack(columns, dim=-1), subs  # [N, K]
+
+
+def _as_tensor(values: Any, n: int, name: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().flatten().tolist()
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"reward '{name}' returned {len(values)} scores for {n} samples")
+    out = []
+    for v in values:
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"reward '{name}' returned a non-number score {v!r}") from None
+    return torch.tensor(out, dtype=torch.float32)  # [N]
