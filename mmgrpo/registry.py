@@ -22,10 +22,15 @@ ADAPTERS: dict[str, str] = {
 REWARDS: dict[str, str] = {
     "sequence_match": "mmgrpo.rewards.sequence:sequence_match",
     "exact_match": "mmgrpo.rewards.sequence:exact_match",
+    "scene": "mmgrpo.rewards.scene:SceneReward",
+    "iou": "mmgrpo.rewards.iou:IoUReward",
+    "format": "mmgrpo.rewards.format:FormatReward",
+    "accuracy": "mmgrpo.rewards.accuracy:AccuracyReward",
 }
 
 DATASETS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:toy_prompts",
+    "miniworld": "mmgrpo.miniworld:train_and_heldout",
 }
 
 ESTIMATORS = {

@@ -1,0 +1,197 @@
+"""The training loop end to end on small CPU runs: run directory, resume, Python API, dynamic sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmgrpo
+from mmgrpo.config import ConfigError
+from mmgrpo.rollout import Rollout
+from mmgrpo.trainer import TIME_KEYS, train
+
+SMALL = [
+    "train.max_steps=4",
+    "train.prompts_per_step=4",
+    "train.group_size=4",
+    "train.checkpoint_every=2",
+    "eval.num_prompts=4",
+    "data.kwargs.num_train=32",
+    "data.kwargs.num_eval=4",
+]
+
+
+def _without_time(metrics):
+    return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in metrics]
+
+
+def test_run_directory_layout(tmp_path):
+    out = tmp_path / "run"
+    result = train("toy", out=out, overrides=SMALL, progress=False)
+    assert (out / "config.yaml").is_file()
+    assert mmgrpo.load_config(out / "config.yaml").train.max_steps == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    required = {"step", "reward/mean", "reward/sequence_match/mean", "reward/exact_match/mean", "loss", "kl",
+                "clip_frac", "frac_zero_std", "grad_norm", "time/sample", "time/reward", "time/train"}
+    assert required <= set(metrics[0])
+    ev = json.loads((out / "eval.json").read_text())
+    assert {"before", "after", "primary"} <= set(ev) and ev["primary"]["reward"] == "sequence_match"
+    assert (out / "samples" / "before.jsonl").is_file() and (out / "samples" / "after.jsonl").is_file()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_000002", "step_000004"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert (out / "rewards.png").stat().st_size > 1000
+    assert result.metrics == metrics
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train("toy", out=tmp_path / "a", overrides=SMALL, progress=False)
+    train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=2"], progress=False)
+    # Step 3 runs in the first attempt, then the process dies before the next checkpoint.
+    resumed = train(None, resume=tmp_path / "b", max_steps=4, progress=False)
+    assert _without_time(resumed.metrics) == _without_time(straight.metrics)
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_000004" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_000004" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_metrics_after_the_checkpoint(tmp_path):
+    train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=2"], progress=False)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step logged by a run that then crashed
+        f.write(json.dumps({"step": 3, "reward/mean": 0.0, "loss": 0.0}) + "\n")
+    resumed = train(None, resume=tmp_path / "b", max_steps=3, progress=False)
+    assert [m["step"] for m in resumed.metrics] == [1, 2, 3]
+    assert "grad_norm" in resumed.metrics[-1]
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    train("toy", out=tmp_path / "a", overrides=SMALL + ["train.max_steps=1"], progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train("toy", out=tmp_path / "a", overrides=SMALL, progress=False)
+
+
+# ---- a user's own adapter and reward, defined here, through the Python API ----------------------
+
+
+class ArmsAdapter:
+    """A one-decision policy: choose one of 4 arms from learnable logits."""
+
+    def __init__(self):
+        self.logits = torch.nn.Parameter(torch.zeros(4))
+        self.frozen = self.logits.detach().clone()
+        self.use_ref = False
+
+    def sample(self, prompts, group_size, generator, *, evaluate=False):
+        rows = [p for p in prompts for _ in range(group_size)]
+        logp = torch.log_softmax(self.logits.detach(), -1)
+        arms = torch.multinomial(logp.exp(), len(rows), replacement=True, generator=generator)  # [N]
+        return Rollout(
+            group_id=torch.arange(len(prompts)).repeat_interleave(group_size),
+            prompts=rows,
+            samples=arms.tolist(),
+            log_probs=logp[arms][:, None],
+            mask=torch.ones(len(rows), 1, dtype=torch.bool),
+            extras={"arms": arms},
+        )
+
+    def log_prob(self, rollout, steps=None):
+        logits = self.frozen if self.use_ref else self.logits
+        return torch.log_softmax(logits, -1)[rollout.extras["arms"]][:, None]
+
+    def trainable_parameters(self):
+        return {"logits": self.logits}
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.use_ref = True
+        yield
+        self.use_ref = False
+
+
+class PreferredArm:
+    """Reward 1 for the prompt's preferred arm; None (unscored) for arm 3."""
+
+    def __call__(self, samples, prompts, preferred, **_):
+        return [None if s == 3 else float(s == p) for s, p in zip(samples, preferred)]
+
+
+def test_python_api_with_user_adapter_and_reward(tmp_path):
+    adapter = ArmsAdapter()
+    prompts = [{"prompt": f"p{i}", "preferred": 2} for i in range(4)]
+    result = mmgrpo.train(
+        {"train": {"max_steps": 30, "prompts_per_step": 4, "group_size": 8}, "optim": {"lr": 0.1},
+         "loss": {"beta": 0.01}, "eval": {"num_prompts": 4, "samples_per_prompt": 16}},
+        adapter=adapter,
+        rewards={"preferred": PreferredArm()},
+        prompts=prompts,
+        eval_prompts=prompts,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    probs = torch.softmax(adapter.logits.detach(), -1)
+    assert probs[2] > 0.6, probs
+    assert result.eval["after"]["reward/preferred/mean"] > result.eval["before"]["reward/preferred/mean"]
+    assert all(m["kl"] is not None and m["kl"] >= 0 for m in result.metrics)
+    assert any(m["reward/unscored"] > 0 for m in result.metrics)  # arm 3 rows were left unscored
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
+    def reward(samples, prompts, easy, **_):  # "easy" prompts score 1 whatever the arm: zero-std groups
+        return [1.0 if e else float(s == 2) for s, e in zip(samples, easy)]
+
+    prompts = [{"prompt": f"p{i}", "easy": i % 2 == 0} for i in range(8)]
+    result = train(
+        {"train": {"max_steps": 3, "prompts_per_step": 4, "group_size": 8, "dynamic_sampling": True,
+                   "dynamic_sampling_max_rounds": 4}, "eval": {"num_prompts": 0}},
+        adapter=ArmsAdapter(),
+        rewards={"r": reward},
+        prompts=prompts,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    for m in result.metrics:
+        assert m["frac_zero_std"] >= 0.25  # half the prompts are easy; each round shows some
+        assert m["dynamic/kept_groups"] == 4 and m["dynamic/rounds"] >= 2
+        assert m["rows"] == 4 * 8
+
+
+def test_sequence_ratio_refused_for_stepwise_adapter(tmp_path):
+    adapter = ArmsAdapter()  # has no scores_all_steps_at_once attribute
+    with pytest.raises(ConfigError, match="GSPO"):
+        train({"loss": {"ratio": "sequence"}}, adapter=adapter, rewards=[PreferredArm()],
+              prompts=[{"prompt": "x", "preferred": 1}], out=tmp_path / "r", progress=False)
+
+
+def test_reward_errors_are_clear(tmp_path):
+    def wrong_length(samples, prompts, **_):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="returned 1 scores for 8 samples"):
+        train({"train": {"max_steps": 1, "prompts_per_step": 1}, "eval": {"num_prompts": 0}},
+              adapter=ArmsAdapter(), rewards=[wrong_length], prompts=["a"], out=tmp_path / "r", progress=False)
+
+    def no_kwargs(samples, prompts):
+        return [1.0] * len(samples)
+
+    with pytest.raises(ConfigError, match=r"\*\*kwargs"):
+        train({"train": {"max_steps": 1, "prompts_per_step": 1}, "eval": {"num_prompts": 0}},
+              adapter=ArmsAdapter(), rewards=[no_kwargs], prompts=[{"prompt": "a", "answer": 1}],
+              out=tmp_path / "r2", progress=False)
+
+
+def test_ema_weights_used_for_final_eval_and_restored(tmp_path):
+    adapter = ArmsAdapter()
+    prompts = [{"prompt": "p", "preferred": 1}]
+    train({"train": {"max_steps": 5, "prompts_per_step": 1, "group_size": 8}, "optim": {"lr": 0.5, "ema_decay": 0.5},
+           "eval": {"num_prompts": 1}},
+          adapter=adapter, rewards=[PreferredArm()], prompts=prompts, eval_prompts=prompts, out=tmp_path / "r",
+          progress=False)
+    ema = load_file(str(tmp_path / "r" / "checkpoints" / "step_000005" / "ema.safetensors"))["logits"]
+    live = load_file(str(tmp_path / "r" / "checkpoints" / "step_000005" / "trainable.safetensors"))["logits"]
+    assert not torch.equal(ema, live)
+    assert torch.equal(adapter.logits.detach(), live)  # the swap for eval was undone
