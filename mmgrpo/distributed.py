@@ -7,6 +7,7 @@ gathered before advantages, so group statistics always see the whole group.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -85,6 +86,10 @@ class Collective:
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
             offset += n
+
+    def autocast(self) -> Any:
+        """Mixed-precision context of the run (sampling and scoring both use it, so ratios stay on-policy)."""
+        return self.accelerator.autocast() if self.accelerator else nullcontext()
 
     def barrier(self) -> None:
         if self.world_size > 1:

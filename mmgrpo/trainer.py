@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from mmgrpo import checkpoint
-from mmgrpo.advantages import compute_advantages
+from mmgrpo.advantages import compute_advantages, weighted_sum, zero_std_groups
 from mmgrpo.config import Config, ConfigError, LossConfig, dump_config, load_config
 from mmgrpo.data import PromptOrder, load_prompts, prompt_text
 from mmgrpo.distributed import Collective, batched_runs, local_runs
@@ -137,7 +137,7 @@ def train(
                 micro_batch_size=cfg.train.micro_batch_size,
                 step_chunk=cfg.train.step_chunk,
                 comm=comm,
-                autocast=accelerator.autocast,
+                autocast=comm.autocast,
             )
             comm.mean_gradients(list(params.values()))
             grad_norm = _clip_gradients(params, cfg.optim.grad_clip)
@@ -177,7 +177,7 @@ def sample_global_batch(
     """This process's rows of the global batch (B prompts x G samples), group ids = prompt index."""
     calls = batched_runs(local_runs(len(batch), group_size, comm.world_size, comm.rank))
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), comm.autocast():
         for prompt_ids, count in calls:
             part = adapter.sample([batch[i] for i in prompt_ids], count, generator)
             part.group_id = torch.tensor(prompt_ids).repeat_interleave(count)  # [n] global prompt index
@@ -219,10 +219,10 @@ def collect_rollout(
         t_sample += t1 - t0
         t_reward += time.perf_counter() - t1
         owner = torch.arange(comm.world_size).repeat_interleave(len(local))  # [N] process of each row
-        round_adv = compute_advantages(all_rewards, all_groups, weights, estimator="grpo", scale="none")
-        informative = torch.unique(all_groups)[~round_adv.zero_std]  # group ids, sorted
+        zero_std = zero_std_groups(weighted_sum(all_rewards, weights), all_groups)  # [groups], sorted ids
+        informative = torch.unique(all_groups)[~zero_std]  # group ids
         if r == 0:
-            stats = _reward_stats(all_rewards, all_subs, weights, list(reward_fns), round_adv.zero_std)
+            stats = _reward_stats(all_rewards, all_subs, weights, list(reward_fns), zero_std)
         local_parts.append(local)
         global_rewards.append(all_rewards)
         global_groups.append(all_groups)
@@ -267,8 +267,6 @@ def collect_rollout(
 def _reward_stats(
     rewards: torch.Tensor, subs: dict[str, torch.Tensor], weights: torch.Tensor, names: list[str], zero_std: torch.Tensor
 ) -> dict[str, Any]:
-    from mmgrpo.advantages import weighted_sum
-
     total = weighted_sum(rewards, weights)  # [N]
     stats = {
         "reward/mean": _nanmean(total),
@@ -415,7 +413,9 @@ def evaluate(
     """Mean rewards on the first eval.num_prompts held-out prompts with a fixed seed."""
     prompts = list(prompts)[: cfg.eval.num_prompts]
     if not prompts:
-        raise ConfigError("no held-out prompts to evaluate on: give data.eval_source, or set eval.num_prompts=0")
+        raise ConfigError(
+            "no held-out prompts to evaluate on: pass eval_prompts=..., set data.eval_source, or set eval.num_prompts=0"
+        )
     result: dict[str, Any] = {}
     if comm.is_main:
         device = comm.accelerator.device if comm.accelerator else torch.device("cpu")
@@ -423,11 +423,10 @@ def evaluate(
         parts = []
         for i in range(0, len(prompts), cfg.eval.batch_size):
             batch = prompts[i : i + cfg.eval.batch_size]
-            parts.append(adapter.sample(batch, cfg.eval.samples_per_prompt, generator, evaluate=True))
+            with comm.autocast():
+                parts.append(adapter.sample(batch, cfg.eval.samples_per_prompt, generator, evaluate=True))
         rollout = Rollout.concat(parts)
         components, subs = score_rollout(reward_fns, rollout.samples, rollout.prompts)
-        from mmgrpo.advantages import weighted_sum
-
         result = {"num_samples": len(rollout), "reward/mean": _nanmean(weighted_sum(components, weights))}
         for k, name in enumerate(reward_fns):
             result[f"reward/{name}/mean"] = _nanmean(components[:, k])
