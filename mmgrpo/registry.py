@@ -17,6 +17,7 @@ from mmgrpo.config import ConfigError
 
 ADAPTERS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:ToyAdapter",
+    "vlm": "mmgrpo.pipelines.vlm:VLMAdapter",
 }
 
 REWARDS: dict[str, str] = {

@@ -500,7 +500,7 @@ class RunDir:
             entry: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i])}
             entry["rewards"] = {k: _json_float(v[i]) for k, v in rollout.rewards.items()}
             sample = rollout.samples[i]
-            if hasattr(adapter, "export"):
+            if hasattr(adapter, "export") and not isinstance(sample, str):  # text stays inline
                 folder.mkdir(parents=True, exist_ok=True)
                 entry["file"] = str(Path(adapter.export(sample, folder / f"{i:03d}")).relative_to(self.path))
             else:

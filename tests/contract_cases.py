@@ -31,6 +31,38 @@ def toy_case() -> ContractCase:
     )
 
 
+_TINY_VLM: dict[str, Any] = {}
+
+
+def vlm_case() -> ContractCase:
+    """Tiny random Qwen2-VL, fully fine-tuned; the reward counts the letter "e", which it can learn to emit."""
+    import tempfile
+
+    import numpy as np
+
+    from mmgrpo.pipelines.vlm import VLMAdapter
+    from mmgrpo.pipelines.vlm.tiny import build_tiny_vlm
+
+    if "path" not in _TINY_VLM:
+        _TINY_VLM["path"] = build_tiny_vlm(tempfile.mkdtemp(prefix="mmgrpo-contract-") + "/qwen2_vl")
+    rng = np.random.RandomState(0)
+    prompts = [
+        {"prompt": f"Describe image {i}.", "image": rng.randint(0, 256, (28, 28, 3)).astype(np.uint8)} for i in range(2)
+    ]
+
+    def letter_e(samples, prompts, **_):
+        return [s.count("e") / max(len(s), 1) for s in samples]
+
+    adapter = VLMAdapter(_TINY_VLM["path"], max_new_tokens=6, finetune="full")
+    return ContractCase(
+        adapter=adapter,
+        prompts=prompts,
+        reward=letter_e,
+        train={"optim": {"lr": 1e-2}, "train": {"max_steps": 10, "prompts_per_step": 2, "group_size": 8}},
+    )
+
+
 CASES: dict[str, Callable[[], ContractCase]] = {
     "toy": toy_case,
+    "vlm-qwen2": vlm_case,
 }
