@@ -53,6 +53,31 @@ LOSSES = {
 }
 
 
+ASSET_PREFIX = "asset:"
+
+
+def expand_assets(value: Any) -> Any:
+    """Replace every string "asset:NAME[/sub/path]" (in nested dicts/lists) by the embedded asset's path.
+
+    Shipped configs name the embedded tiny models this way (e.g. `model: asset:vlm`), so they work
+    wherever mmgrpo is installed.
+    """
+    if isinstance(value, str) and value.startswith(ASSET_PREFIX):
+        from mmgrpo.assets import asset_path
+
+        name, _, rest = value[len(ASSET_PREFIX) :].partition("/")
+        try:
+            path = asset_path(name)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        return str(path / rest) if rest else str(path)
+    if isinstance(value, dict):
+        return {k: expand_assets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_assets(v) for v in value]
+    return value
+
+
 def resolve(spec: str, table: dict[str, str], kind: str) -> Any:
     """The object named by `spec`: a key of `table`, `module:attr` or `file.py:attr`."""
     target = table.get(spec, spec)

@@ -11,7 +11,7 @@ import torch
 
 from mmgrpo.config import ConfigError, RewardConfig
 from mmgrpo.data import prompt_meta
-from mmgrpo.registry import REWARDS, resolve
+from mmgrpo.registry import REWARDS, expand_assets, resolve
 
 
 def build_rewards(configs: Sequence[RewardConfig]) -> dict[str, Callable]:
@@ -19,10 +19,11 @@ def build_rewards(configs: Sequence[RewardConfig]) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     for cfg in configs:
         obj = resolve(cfg.name, REWARDS, "reward")
+        kwargs = expand_assets(cfg.kwargs)
         if inspect.isclass(obj):
-            fn = obj(**cfg.kwargs)
-        elif cfg.kwargs:
-            fn = functools.partial(obj, **cfg.kwargs)
+            fn = obj(**kwargs)
+        elif kwargs:
+            fn = functools.partial(obj, **kwargs)
         else:
             fn = obj
         key = reward_key(cfg.name)

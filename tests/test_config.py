@@ -80,3 +80,20 @@ def test_user_file_and_module_resolution(tmp_path):
         resolve("sequnce_match", REWARDS, "reward")
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         resolve(f"{f}:nope", REWARDS, "reward")
+
+
+def test_asset_paths_expand_to_the_installed_assets_folder():
+    from pathlib import Path
+
+    import mmgrpo.assets
+    from mmgrpo.registry import expand_assets
+
+    root = Path(mmgrpo.assets.__file__).parent / "_probe"
+    root.mkdir(exist_ok=True)
+    try:
+        out = expand_assets({"model": "asset:_probe", "nested": ["asset:_probe/x.json", "plain"], "n": 3})
+        assert out == {"model": str(root), "nested": [str(root / "x.json"), "plain"], "n": 3}
+    finally:
+        root.rmdir()
+    with pytest.raises(ConfigError, match="embedded asset 'nothing_here' is missing"):
+        expand_assets("asset:nothing_here")
