@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -512,7 +513,8 @@ class RunDir:
     def save_checkpoint(self, step, params, optimizer, scheduler, ema, order, generator, adapter, cfg) -> None:
         stage = checkpoint.staging_dir(self.checkpoints, step)
         if self.comm.is_main:
-            stage.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(stage, ignore_errors=True)  # left over by a crash mid-write
+            stage.mkdir(parents=True)
         self.comm.barrier()
         checkpoint.write_rank(stage, self.comm.rank, generator)
         if self.comm.is_main:

@@ -195,3 +195,22 @@ def test_ema_weights_used_for_final_eval_and_restored(tmp_path):
     live = load_file(str(tmp_path / "r" / "checkpoints" / "step_000005" / "trainable.safetensors"))["logits"]
     assert not torch.equal(ema, live)
     assert torch.equal(adapter.logits.detach(), live)  # the swap for eval was undone
+
+
+def test_crash_mid_checkpoint_leaves_the_previous_one(tmp_path):
+    from mmgrpo import checkpoint
+
+    out = tmp_path / "run"
+    train("toy", out=out, overrides=SMALL, progress=False)
+    root = out / "checkpoints"
+    stage = checkpoint.staging_dir(root, 6)  # a write of step 6 that died half way
+    stage.mkdir()
+    (stage / "trainable.safetensors").write_bytes(b"truncated")
+    (stage / "stale.bin").write_bytes(b"x")
+    assert checkpoint.latest(root).name == "step_000004"
+    result = train(None, resume=out, max_steps=6, progress=False)
+    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.latest(root).name == "step_000006"
+    assert not (root / "step_000006" / "stale.bin").exists()
+    assert not stage.exists()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000004", "step_000006"]  # keep_checkpoints=2
