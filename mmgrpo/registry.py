@@ -18,6 +18,7 @@ from mmgrpo.config import ConfigError
 ADAPTERS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:ToyAdapter",
     "vlm": "mmgrpo.pipelines.vlm:VLMAdapter",
+    "flow": "mmgrpo.pipelines.flow.adapter:FlowAdapter",
 }
 
 REWARDS: dict[str, str] = {

@@ -62,7 +62,32 @@ def vlm_case() -> ContractCase:
     )
 
 
+def _flow_case(family: str) -> ContractCase:
+    """Tiny random diffusers pipeline with LoRA. Samples are final latents (decode=False): a tiny
+    random VAE barely responds to latent changes, so the reward reads the latent mean."""
+    from mmgrpo.pipelines.flow.adapter import FlowAdapter
+    from mmgrpo.pipelines.flow.tiny import TEXT_LEN, tiny_pipeline
+
+    extra = {"num_frames": 5} if family == "wan" else {}
+    adapter = FlowAdapter(
+        tiny_pipeline(family), num_steps=4, eval_steps=4, max_sequence_length=TEXT_LEN, lora_rank=4, lora_alpha=8,
+        decode=False, height=16, width=16, **extra,
+    )
+
+    def latent_mean(samples, prompts, **_):
+        return [float(s.mean()) for s in samples]
+
+    return ContractCase(
+        adapter=adapter,
+        prompts=["a red circle", "a blue square left of a green triangle"],
+        reward=latent_mean,
+        train={"optim": {"lr": 3e-2}, "train": {"max_steps": 10, "prompts_per_step": 2, "group_size": 8}},
+    )
+
+
 CASES: dict[str, Callable[[], ContractCase]] = {
+    "flow-sd3": lambda: _flow_case("sd3"),
+    "flow-wan": lambda: _flow_case("wan"),
     "toy": toy_case,
     "vlm-qwen2": vlm_case,
 }

@@ -1,0 +1,227 @@
+"""All flow-matching log-prob math of mmgrpo, in one module of pure functions.
+
+Notation (ANCHORS.md section 1): sigma s runs 1 (noise) -> 0 (clean), x = (1-s) x0 + s eps,
+the model predicts the velocity v, x0_hat = x - s v, dt = s_next - s (negative), and
+score = -(x - (1-s) x0_hat) / s^2 = -(x + (1-s) v) / s.
+
+A kernel turns (x, v, s, s_next) into a Gaussian transition N(mean, std^2 I) for x_next:
+
+- "sde"   Flow-GRPO. g = a sqrt(s / (1 - s_den)) with s_den = min(s, sigma_max):
+          sigma_max is the schedule's sigmas[1], so at s = 1 the denominator uses sigmas[1]
+          (exactly Flow-GRPO's rule on a decreasing schedule, and also safe for schedulers
+          that start at 1 - 1e-6). mean = x (1 + g^2 dt / (2s)) + v (1 + g^2 (1-s) / (2s)) dt
+          == x + (v - g^2 score / 2) dt, std = g sqrt(|dt|).  a = noise_level (0.7 SD3, 0.9 FLUX).
+- "cps"   Flow-GRPO's coefficients-preserving sampler. std = s_next sin(a pi / 2),
+          mean = x0_hat (1 - s_next) + x1_hat sqrt(s_next^2 - std^2) with x1_hat = x + (1-s) v.
+          Its log-prob is NOT a normalised Gaussian density: log p = -mean((x_next - mean)^2),
+          as in the reference. std is 0 at the last step (s_next = 0).
+- "dance" DanceGRPO. std = eta sqrt(s - s_next), mean = x + v dt - eta^2 score dt / 2.
+- "exact" SAGE-GRPO. std^2 = eta^2 * integral_{s_next}^{s} u / (1-u) du
+          = eta^2 (ln((1 - s_next) / (1 - s)) - (s - s_next)), the exact integral of
+          Flow-GRPO's g^2 over the step (both ends clamped to <= 1 - 3e-3 inside this integral
+          only), mean = x + v dt + std^2 score / 2.  (ANCHORS writes the integral as
+          "-ds + ln(...)": that holds with ds = s - s_next > 0, the positive step size.)
+- "ode"   the deterministic Euler step x + v dt. Not a density: std = 0, and the log-prob
+          returned is 0 for every row. Steps taken with it are never trained: the adapter
+          marks them mask=False.
+
+Log-probs are in fp32 and are the MEAN over all latent dimensions (C, H, W and F for
+video; packed tokens x channels for FLUX), not the sum, as in Flow-GRPO: a ratio of means
+stays near 1, which is why flow clip ranges are tiny (1e-4 images, 1e-3 video).
+Per-row schedule scalars are computed in float64 and then cast to fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+KERNELS = ("sde", "cps", "dance", "exact", "ode")
+# noise_level means a for "sde"/"cps" and eta for "dance"/"exact"; unused by "ode".
+DEFAULT_NOISE_LEVEL = {"sde": 0.7, "cps": 0.7, "dance": 0.3, "exact": 0.7, "ode": 0.0}
+EXACT_SIGMA_MAX = 1.0 - 3e-3  # "exact": sigmas are clamped to this inside the variance integral
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class FlowStep(NamedTuple):
+    """One transition of a flow sampler."""
+
+    next_latents: torch.Tensor  # [n, *D] x_next (the recorded one when re-scoring)
+    log_prob: torch.Tensor  # [n] fp32, MEAN over the latent dims D
+    mean: torch.Tensor  # [n, *D] fp32 mean of the transition
+    std: torch.Tensor  # [n, 1, ..., 1] fp32 std of the transition (0 for "ode")
+
+
+def check_kernel(kernel: str) -> str:
+    """`kernel` if it is a known kernel name, else one readable ValueError."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown flow kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    return kernel
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The SD3 / DanceGRPO time shift s' = k s / (1 + (k-1) s)."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)  # same shape as sigmas
+
+
+def dance_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """DanceGRPO's schedule: linspace(1, 0, num_steps + 1), then shifted by k = `shift`."""
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)  # [N+1]
+    return shift_sigmas(sigmas, shift).float()  # [N+1]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _rows(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-row value as float64 [n, 1, ..., 1] on x's device."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"a per-row sigma must have shape [n={x.shape[0]}], got {tuple(t.shape)}")
+    return t.view(-1, *([1] * (x.ndim - 1)))  # [n, 1, ..., 1]
+
+
+def score_estimate(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """score = -(x - (1-s) x0_hat) / s^2 with x0_hat = x - s v, i.e. -(x + (1-s) v) / s (fp32)."""
+    s = _rows(sigma, x).float()  # [n, 1, ...]
+    x, v = x.float(), v.float()
+    x0_hat = x - s * v  # [n, *D]
+    return -(x - (1.0 - s) * x0_hat) / s**2  # [n, *D]
+
+
+def transition(
+    kernel: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    *,
+    noise_level: float | None = None,
+    sigma_max: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of one step: (mean [n, *D] fp32, std [n, 1, ..., 1] fp32).
+
+    sigma, sigma_next: scalars or per-row [n]. noise_level: a ("sde", "cps") or eta ("dance",
+    "exact"); None takes DEFAULT_NOISE_LEVEL. sigma_max: "sde" only, the schedule's sigmas[1]
+    as a scalar or per row [n] (required when some sigma is 1).
+    """
+    check_kernel(kernel)
+    a = DEFAULT_NOISE_LEVEL[kernel] if noise_level is None else float(noise_level)
+    s = _rows(sigma, x)  # [n, 1, ...] float64
+    s_next = _rows(sigma_next, x)  # [n, 1, ...] float64
+    dt = s_next - s  # [n, 1, ...] negative
+    x, v = x.float(), v.float()  # [n, *D]
+
+    if kernel == "ode":
+        mean = x + v * dt.float()  # [n, *D]
+        return mean, torch.zeros_like(dt, dtype=torch.float32)
+
+    if kernel == "sde":
+        if sigma_max is None:
+            if bool((s >= 1).any()):
+                raise ValueError("the 'sde' kernel at sigma = 1 needs sigma_max (the schedule's sigmas[1])")
+            s_den = s
+        else:
+            s_den = torch.minimum(s, _rows(sigma_max, x))  # [n, 1, ...]
+        g2 = a**2 * s / (1.0 - s_den)  # [n, 1, ...] g^2
+        x_coef = (1.0 + g2 * dt / (2.0 * s)).float()  # [n, 1, ...]
+        v_coef = ((1.0 + g2 * (1.0 - s) / (2.0 * s)) * dt).float()  # [n, 1, ...]
+        mean = x * x_coef + v * v_coef  # [n, *D]
+        return mean, (g2 * (-dt)).sqrt().float()
+
+    if kernel == "cps":
+        std = s_next * math.sin(a * math.pi / 2.0)  # [n, 1, ...]
+        sf, s_next_f = s.float(), s_next.float()
+        x0_hat = x - sf * v  # [n, *D]
+        x1_hat = x + (1.0 - sf) * v  # [n, *D]
+        mean = x0_hat * (1.0 - s_next_f) + x1_hat * (s_next**2 - std**2).clamp_min(0).sqrt().float()  # [n, *D]
+        return mean, std.float()
+
+    if kernel == "dance":
+        var = a**2 * (s - s_next)  # [n, 1, ...] eta^2 |dt|
+    else:  # "exact"
+        sc, snc = s.clamp(max=EXACT_SIGMA_MAX), s_next.clamp(max=EXACT_SIGMA_MAX)
+        var = a**2 * (torch.log1p(-snc) - torch.log1p(-sc) - (sc - snc))  # [n, 1, ...] integral of g^2
+    # mean = x + v dt + var * score / 2 with score = -(x + (1-s) v) / s, as affine coefficients
+    x_coef = (1.0 - var / (2.0 * s)).float()  # [n, 1, ...]
+    v_coef = (dt - var * (1.0 - s) / (2.0 * s)).float()  # [n, 1, ...]
+    mean = x * x_coef + v * v_coef  # [n, *D]
+    return mean, var.clamp_min(0).sqrt().float()
+
+
+def log_prob(kernel: str, next_latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-row log-prob of `next_latents` under the step's Gaussian: [n] fp32, MEAN over dims.
+
+    "ode": zeros (no density). "cps": -mean((x_next - mean)^2), the reference's unnormalised form.
+    Otherwise mean over dims of -(x_next - mean)^2 / (2 std^2) - log std - log sqrt(2 pi).
+    """
+    check_kernel(kernel)
+    diff = next_latents.float() - mean  # [n, *D]
+    dims = tuple(range(1, diff.ndim))
+    if kernel == "ode":
+        return torch.zeros(diff.shape[0], dtype=torch.float32, device=diff.device)  # [n]
+    if kernel == "cps":
+        return -(diff**2).mean(dim=dims)  # [n]
+    elementwise = -(diff**2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI  # [n, *D]
+    return elementwise.mean(dim=dims)  # [n]
+
+
+def flow_step(
+    kernel: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    *,
+    noise_level: float | None = None,
+    sigma_max: float | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    next_latents: torch.Tensor | None = None,
+) -> FlowStep:
+    """One sampler step with its log-prob.
+
+    x [n, *D] latents at sigma, v [n, *D] velocity. Give `generator` to draw x_next =
+    mean + std * eps with fresh noise eps ~ N(0, I) (drawn on the generator's device, fp32),
+    or `next_latents` [n, *D] to re-score a recorded transition. "ode" draws no noise.
+    Returns FlowStep(next_latents, log_prob [n] fp32 mean over dims, mean, std).
+    """
+    mean, std = transition(kernel, x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max)
+    if next_latents is None:
+        if kernel == "ode":
+            next_latents = mean
+        else:
+            if generator is None:
+                raise ValueError("flow_step needs a torch.Generator to sample, or next_latents to re-score")
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            next_latents = mean + std * eps.to(mean.device)  # [n, *D]
+    return FlowStep(next_latents, log_prob(kernel, next_latents, mean, std), mean, std)
+
+
+def equalizer_weights(
+    kernel: str,
+    sigmas: torch.Tensor,
+    sigmas_next: torch.Tensor,
+    *,
+    noise_level: float | None = None,
+    sigma_max: float | None = None,
+) -> torch.Tensor:
+    """SAGE's per-step gradient-norm equalizer: w_i = median_j(c_j / std_j) / (c_i / std_i).
+
+    c_i = |d mean / d v| of step i (the mean is affine in v with a scalar coefficient), for
+    steps with sigmas [T] -> sigmas_next [T]. Multiply step i's loss by w_i. Gaussian kernels only.
+    """
+    if kernel in ("ode", "cps"):
+        raise ValueError(f"equalizer_weights needs a Gaussian kernel with std > 0, not {kernel!r}")
+    probe = torch.zeros(sigmas.shape[0], 1, dtype=torch.float32, device=sigmas.device)  # [T, 1]
+    kw = dict(noise_level=noise_level, sigma_max=sigma_max)
+    m1, std = transition(kernel, probe, probe + 1.0, sigmas, sigmas_next, **kw)  # [T, 1]
+    m0, _ = transition(kernel, probe, probe, sigmas, sigmas_next, **kw)  # [T, 1]
+    gain = ((m1 - m0).abs() / std).squeeze(1)  # [T]
+    return gain.median() / gain  # [T]

@@ -1,0 +1,371 @@
+"""FlowAdapter over tiny random SD3 / FLUX / Wan pipelines (pipelines/flow/tiny.py)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from mmgrpo.pipelines.flow import sde
+from mmgrpo.pipelines.flow.adapter import FlowAdapter
+from mmgrpo.pipelines.flow.tiny import TEXT_LEN, tiny_pipeline
+from mmgrpo.protocols import Adapter, StepScores
+from mmgrpo.rollout import Rollout
+
+FAMILIES = ["sd3", "flux", "wan"]
+SIZE = {
+    "sd3": dict(height=16, width=16),
+    "flux": dict(height=16, width=16),
+    "wan": dict(height=16, width=16, num_frames=5),
+}
+PROMPTS = ["a red circle", {"prompt": "a blue square left of a green triangle", "color": "blue"}]
+
+
+def make(family: str, **kwargs) -> FlowAdapter:
+    kw = dict(num_steps=4, eval_steps=3, max_sequence_length=TEXT_LEN, lora_rank=4, lora_alpha=8, **SIZE[family])
+    kw.update(kwargs)
+    return FlowAdapter(tiny_pipeline(family), **kw)
+
+
+def perturb_lora(adapter: FlowAdapter, seed: int = 0, scale: float = 0.5) -> None:
+    """Give the (zero-initialised) LoRA B matrices non-zero values, so LoRA changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.trainable_parameters().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def ratio_dev(new: torch.Tensor, old: torch.Tensor) -> float:
+    return (torch.exp(new - old) - 1).abs().max().item()
+
+
+def count_forward(module: torch.nn.Module):
+    """Count the forward calls of `module` and the batch size of each (keyword or positional input)."""
+    calls: list[int] = []
+
+    def hook(mod, args, kwargs):
+        first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        calls.append(first.shape[0])
+
+    return calls, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------- on-policy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("group_size", [1, 4])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_on_policy_ratio_is_one(family, group_size, guidance_scale):
+    adapter = make(family, guidance_scale=guidance_scale)
+    perturb_lora(adapter)  # LoRA on and non-zero
+    assert isinstance(adapter, Adapter)
+    rollout = adapter.sample(PROMPTS, group_size, torch.Generator().manual_seed(1))
+    n, T = len(rollout), rollout.num_steps
+    assert (n, T) == (2 * group_size, 4) and rollout.mask.all()
+    scores = adapter.log_prob(rollout)
+    assert isinstance(scores, StepScores) and scores.log_probs.dtype == torch.float32
+    assert ratio_dev(scores.log_probs, rollout.log_probs) < 1e-6
+    for row in range(n):  # micro-batch 1
+        one = rollout.select([row])
+        assert ratio_dev(adapter.log_prob(one).log_probs, one.log_probs) < 1e-6
+    for t in range(T):  # one step per chunk
+        assert ratio_dev(adapter.log_prob(rollout, [t]).log_probs, rollout.log_probs[:, [t]]) < 1e-6
+    assert scores.mean.shape == (n, T, *rollout.extras["latents"].shape[2:])
+    assert scores.std.shape == (n, T) + (1,) * (scores.mean.ndim - 2)
+
+
+@pytest.mark.parametrize("kernel", ["cps", "dance", "exact"])
+def test_on_policy_ratio_other_kernels(kernel):
+    adapter = make("sd3", kernel=kernel)
+    perturb_lora(adapter)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(2))
+    assert ratio_dev(adapter.log_prob(rollout).log_probs, rollout.log_probs) < 1e-6
+
+
+def test_log_prob_has_gradients_on_trainable_weights_only():
+    adapter = make("sd3")
+    perturb_lora(adapter)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(3))
+    adapter.log_prob(rollout, [1, 2]).log_probs.sum().backward()
+    params = adapter.trainable_parameters()
+    assert params and all("lora_" in name for name in params)
+    assert all(p.grad is not None for p in params.values())
+    # SD3's last block discards its context stream, so only its context query gets no gradient
+    assert all(p.grad.abs().sum() > 0 for n, p in params.items() if "add_q_proj" not in n)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        assert all(p.grad is None and not p.requires_grad for p in getattr(adapter.pipe, name).parameters())
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_disables_lora_and_leaves_weights_untouched(family):
+    adapter = make(family)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(4))
+    # LoRA B starts at zero: the policy IS the reference
+    with adapter.reference():
+        ref0 = adapter.log_prob(rollout).log_probs
+    assert ratio_dev(adapter.log_prob(rollout).log_probs, ref0) < 1e-6
+
+    perturb_lora(adapter)
+    before = {n: p.detach().clone() for n, p in adapter.trainable_parameters().items()}
+    policy = adapter.log_prob(rollout)
+    with adapter.reference():
+        ref = adapter.log_prob(rollout)
+    after = adapter.trainable_parameters()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], before[n]) and after[n].requires_grad for n in before)
+    torch.testing.assert_close(ref.log_probs, ref0)  # the reference ignores the LoRA weights
+    assert (ref.log_probs - policy.log_probs).abs().max() > 1e-4
+    assert torch.equal(adapter.log_prob(rollout).log_probs, policy.log_probs)  # LoRA back on
+
+
+def test_full_finetune_reference_is_a_frozen_copy():
+    adapter = make("sd3", finetune="full")
+    params = adapter.trainable_parameters()
+    assert params and not any("lora" in n for n in params)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    moved = adapter.log_prob(rollout).log_probs
+    with adapter.reference():
+        ref = adapter.log_prob(rollout).log_probs
+    assert ratio_dev(ref, rollout.log_probs) < 1e-6  # the frozen copy is the sampling policy
+    assert (moved - rollout.log_probs).abs().max() > 1e-4
+    assert all(torch.equal(p, before[n]) for n, p in adapter.trainable_parameters().items())
+
+
+# --------------------------------------------------------------------------- CFG
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg_is_one_batched_forward_and_the_guidance_formula(family):
+    adapter = make(family, guidance_scale=2.0)
+    perturb_lora(adapter)
+    calls, handle = count_forward(adapter.pipe.transformer)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(6))
+    assert calls == [8] * 4  # one forward per step over [uncond; cond] = 2 x N rows
+    calls.clear()
+    adapter.log_prob(rollout, [0, 1])
+    assert calls == [16]  # 2 steps x N rows x (uncond, cond), in one forward
+    handle.remove()
+    assert "negative_embeds" in rollout.shared
+
+    # the mean is affine in v = v_u + w (v_c - v_u), and w = 1 (CFG off) is the cond branch alone
+    means = {}
+    for w in (1.0, 2.0, 3.0):
+        adapter.guidance_scale = w
+        means[w] = adapter.log_prob(rollout, [1]).mean.detach()
+    gap = (means[2.0] - means[1.0]).abs().max()
+    assert gap > 1e-4  # the uncond branch (negative prompt) differs from the cond one
+    torch.testing.assert_close(means[3.0] - means[2.0], means[2.0] - means[1.0], rtol=1e-4, atol=1e-5)
+
+    off = make(family, guidance_scale=1.0)
+    perturb_lora(off)
+    calls, handle = count_forward(off.pipe.transformer)
+    plain = off.sample(PROMPTS, 2, torch.Generator().manual_seed(6))
+    handle.remove()
+    assert calls == [4] * 4 and "negative_embeds" not in plain.shared
+    assert not torch.allclose(plain.samples[0], rollout.samples[0])
+
+
+# --------------------------------------------------------------------------- windows and masks
+
+
+def test_fixed_window_masks_and_stores_only_trained_steps():
+    adapter = make("sd3", num_steps=5, window=2, window_start=1)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(7))
+    expected = torch.tensor([False, True, True, False, False])
+    assert torch.equal(rollout.mask, expected.expand(4, -1))
+    assert torch.all(rollout.log_probs[:, ~expected] == 0) and torch.all(rollout.log_probs[:, expected] != 0)
+    ex = rollout.extras
+    assert ex["latents"].shape[:2] == (4, 3) and ex["step_index"].tolist() == [[1, 2]] * 4
+    # a step outside the window costs no forward and scores 0
+    calls, handle = count_forward(adapter.pipe.transformer)
+    out = adapter.log_prob(rollout, [0, 4])
+    handle.remove()
+    assert calls == [] and torch.all(out.log_probs == 0)
+    assert ratio_dev(adapter.log_prob(rollout, [2, 1]).log_probs, rollout.log_probs[:, [2, 1]]) < 1e-6
+
+    # step 0 is an ODE (Euler) step: x_1 = x_0 + v(x_0, s_0) (s_1 - s_0), x_0 the initial noise
+    sigmas = adapter._sigmas(5)
+    x0 = adapter.glue.init_latents(4, torch.Generator().manual_seed(7), adapter.device)
+    with torch.no_grad():
+        emb = adapter._row_embeds(rollout.shared, ex["prompt_key"])
+        v = adapter._velocity(x0, sigmas[0].expand(4), emb)
+    torch.testing.assert_close(ex["latents"][:, 0], x0 + v * (sigmas[1] - sigmas[0]))
+
+
+def test_timestep_fraction_trains_the_first_steps():
+    adapter = make("flux", num_steps=10, timestep_fraction=0.99)  # Flow-GRPO: 10 steps -> 9 trained
+    rollout = adapter.sample(PROMPTS[:1], 2, torch.Generator().manual_seed(8))
+    assert rollout.mask.sum(1).tolist() == [9, 9] and not rollout.mask[:, 9].any()
+    assert rollout.extras["latents"].shape[1] == 10
+    assert ratio_dev(adapter.log_prob(rollout).log_probs, rollout.log_probs) < 1e-6
+
+
+def test_random_and_sliding_windows():
+    adapter = make("wan", num_steps=8, window=2, window_mode="random")
+    starts = set()
+    for seed in range(8):
+        rollout = adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(seed))
+        cols = rollout.mask[0].nonzero().flatten().tolist()
+        assert len(cols) == 2 and cols[1] == cols[0] + 1
+        starts.add(cols[0])
+    assert starts <= {0, 1, 2, 3} and len(starts) > 1  # random starts in the first half
+    again = adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(3))
+    fresh = make("wan", num_steps=8, window=2, window_mode="random")
+    first = fresh.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(3))
+    assert torch.equal(again.mask, first.mask)  # the start comes from the sample generator
+
+    sliding = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
+    seen = [sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)).mask[0].nonzero()[0].item()
+            for _ in range(8)]
+    assert seen == [0, 0, 1, 1, 2, 2, 0, 0]
+    sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0), evaluate=True)
+    assert sliding.sample_calls == 8  # evaluation does not move the window
+
+
+def test_schedules_match_closed_form():
+    n = 4
+    shift = lambda u: 3 * u / (1 + 2 * u)  # noqa: E731  (tiny SD3's FlowMatchEuler shift=3)
+    # FlowMatchEulerDiscreteScheduler: linspace(sigma_max, sigma_min, N) of its (already shifted)
+    # training sigmas 1 .. shift(1/1000), shifted, then a final 0
+    s = torch.linspace(1.0, shift(1.0 / 1000), n, dtype=torch.float64)
+    expected = torch.cat([shift(s), torch.zeros(1, dtype=torch.float64)])
+    rollout = make("sd3").sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rollout.extras["sigmas"][0].double(), expected, rtol=1e-6, atol=1e-6)
+    dance = make("sd3", schedule="dance", schedule_shift=3.0, kernel="dance")
+    rollout = dance.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rollout.extras["sigmas"][0], sde.dance_sigmas(4, 3.0))
+
+
+# --------------------------------------------------------------------------- noise and prompts
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_noise_in_group(same):
+    adapter = make("flux", same_noise_in_group=same)
+    rollout = adapter.sample(PROMPTS, 3, torch.Generator().manual_seed(9))
+    x0 = rollout.extras["latents"][:, 0]  # [N, *D]: step 0 is trained, so slot 0 is the initial noise
+    for g in range(2):
+        rows = x0[3 * g : 3 * g + 3]
+        assert all(torch.equal(rows[0], r) for r in rows[1:]) == same
+    assert not torch.equal(x0[0], x0[3])  # different prompts, different noise
+    assert not torch.equal(rollout.samples[0], rollout.samples[1])  # the SDE still spreads the group
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_prompt_is_encoded_once(family):
+    adapter = make(family, guidance_scale=2.0)
+    encoders = [getattr(adapter.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(adapter.pipe, n, None) is not None]
+    counters = [count_forward(e) for e in encoders]
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    rollout = adapter.sample(prompts, 4, torch.Generator().manual_seed(10))
+    # 2 distinct prompts in one batch + the negative prompt (cached after the first call)
+    assert all(sum(calls) == 3 for calls, _ in counters)
+    assert len(rollout.shared["prompt_embeds"]) == 2
+    keys = rollout.extras["prompt_key"]
+    assert keys[0] == keys[8] and keys[0] != keys[4]
+    for calls, _ in counters:
+        calls.clear()
+    adapter.log_prob(rollout)
+    adapter.sample(prompts[:1], 2, torch.Generator().manual_seed(11))
+    assert all(sum(calls) == 1 for calls, _ in counters)  # log_prob encodes nothing; negative cached
+    for _, handle in counters:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- rollout shape and I/O
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rollout_layout_samples_and_evaluation(family, tmp_path):
+    adapter = make(family)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(12))
+    assert rollout.group_id.tolist() == [0, 0, 1, 1]
+    assert rollout.prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    shape = (5, 3, 16, 16) if family == "wan" else (3, 16, 16)
+    for x in rollout.samples:
+        assert x.shape == shape and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    path = adapter.export(rollout.samples[0], tmp_path / "a")  # the suffix is added
+    assert path.endswith(".mp4" if family == "wan" else ".png") and os.path.getsize(path) > 0
+
+    # rows of two rollouts concatenated still re-score (shared prompt tables merge by key)
+    other = adapter.sample(PROMPTS[:1], 2, torch.Generator().manual_seed(13))
+    both = Rollout.concat([rollout, other])
+    assert ratio_dev(adapter.log_prob(both).log_probs, both.log_probs) < 1e-6
+
+    ev = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(14), evaluate=True)
+    assert ev.num_steps == 3 and not ev.mask.any() and ev.extras == {} and torch.all(ev.log_probs == 0)
+    assert torch.all(adapter.log_prob(ev).log_probs == 0)
+    # evaluation is deterministic given the initial noise (ODE everywhere)
+    ev2 = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(14), evaluate=True)
+    assert all(torch.equal(a, b) for a, b in zip(ev.samples, ev2.samples))
+
+
+def test_decode_false_gives_latent_samples_and_export_decodes(tmp_path):
+    adapter = make("sd3", decode=False)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(15))
+    decoded = make("sd3").sample(PROMPTS, 2, torch.Generator().manual_seed(15))
+    assert rollout.samples[0].shape == (4, 16, 16)  # [C, h, w] latents (1-level tiny VAE: h = H)
+    with torch.no_grad():
+        again = adapter.glue.decode(torch.stack(rollout.samples))  # [N, 3, H, W]
+    assert all(torch.equal(a, b) for a, b in zip(again, decoded.samples))
+    path = adapter.export(rollout.samples[0], tmp_path / "z")
+    assert path.endswith(".png") and os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pipelines_are_reproducible_and_round_trip_through_a_path(family, tmp_path):
+    pipe = tiny_pipeline(family, seed=3)
+    pipe.save_pretrained(tmp_path)
+    runs = [
+        FlowAdapter(p, num_steps=2, max_sequence_length=TEXT_LEN, **SIZE[family]).sample(
+            PROMPTS, 1, torch.Generator().manual_seed(0)
+        )
+        for p in (pipe, tiny_pipeline(family, seed=3))
+    ]
+    runs.append(FlowAdapter(path=str(tmp_path), num_steps=2, max_sequence_length=TEXT_LEN, **SIZE[family]).sample(
+        PROMPTS, 1, torch.Generator().manual_seed(0)
+    ))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0].samples, other.samples))
+        assert torch.equal(runs[0].log_probs, other.log_probs)
+    different = FlowAdapter(tiny_pipeline(family, seed=4), num_steps=2, max_sequence_length=TEXT_LEN, **SIZE[family])
+    changed = different.sample(PROMPTS, 1, torch.Generator().manual_seed(0))
+    assert not torch.equal(changed.samples[0], runs[0].samples[0])
+
+
+def test_readable_errors():
+    with pytest.raises(ValueError, match="exactly one of"):
+        FlowAdapter()
+    with pytest.raises(ValueError, match="FlowAdapter drives"):
+        FlowAdapter(object())
+    with pytest.raises(ValueError, match="window"):
+        make("sd3", window=5)
+    with pytest.raises(ValueError, match="no trained step|without a trained step"):
+        make("sd3", num_steps=10, window=2, window_start=8, timestep_fraction=0.5)
+    with pytest.raises(ValueError, match="'prompt'"):
+        make("sd3").sample([{"text": "x"}], 1, torch.Generator())
+    with pytest.raises(ValueError, match="num_frames"):
+        make("wan", num_frames=4)
+
+
+def test_sliding_window_position_survives_a_checkpoint():
+    first = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
+    for _ in range(3):
+        first.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0))
+    resumed = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
+    resumed.load_sampler_state(first.sampler_state())
+    start = lambda a: a.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)).mask[0].nonzero()[0].item()
+    assert start(resumed) == start(first) == 1  # call 3 of slide_every=2: the window moved to step 1

@@ -1,0 +1,210 @@
+"""Each flow kernel against its closed form from ANCHORS.md section 1, computed here
+independently in float64 (torch.distributions.Normal for the densities)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from mmgrpo.pipelines.flow import sde
+
+SHAPE = (3, 4, 5, 6)  # [n, C, H, W]
+SIGMAS = [1.0, 0.9, 0.6, 0.25, 0.0]  # a decreasing schedule that starts at 1 and ends at 0
+SIGMA_MAX = SIGMAS[1]
+A = 0.7
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)  # [n, *D]
+    v = torch.randn(SHAPE, generator=g)  # [n, *D]
+    return x, v
+
+
+def _eps(seed: int) -> torch.Tensor:
+    """The noise flow_step draws from torch.Generator().manual_seed(seed)."""
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).double()
+
+
+def _closed_form(kernel: str, x, v, s: float, s_next: float, a: float):
+    """(mean, std) in float64, written from the ANCHORS formulas."""
+    x, v = x.double(), v.double()
+    dt = s_next - s
+    x0_hat = x - s * v
+    score = -(x - (1 - s) * x0_hat) / s**2
+    if kernel == "sde":
+        s_den = SIGMA_MAX if s == 1.0 else s
+        g = a * math.sqrt(s / (1 - s_den))
+        mean = x * (1 + g**2 * dt / (2 * s)) + v * (1 + g**2 * (1 - s) / (2 * s)) * dt
+        return mean, g * math.sqrt(abs(dt))
+    if kernel == "cps":
+        std = s_next * math.sin(a * math.pi / 2)
+        x1_hat = x + (1 - s) * v
+        return x0_hat * (1 - s_next) + x1_hat * math.sqrt(s_next**2 - std**2), std
+    if kernel == "dance":
+        return x + dt * v - 0.5 * a**2 * score * dt, a * math.sqrt(s - s_next)
+    if kernel == "exact":
+        # variance: the integral of Flow-GRPO's g^2 = a^2 u/(1-u) over the (clamped) step, by quadrature
+        hi, lo = min(s, 1 - 3e-3), min(s_next, 1 - 3e-3)
+        u = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
+        var = torch.trapezoid(a**2 * u / (1 - u), u).item()
+        return x + dt * v + 0.5 * var * score, math.sqrt(var)
+    raise AssertionError(kernel)
+
+
+STEPS = [(SIGMAS[i], SIGMAS[i + 1]) for i in range(len(SIGMAS) - 1)]
+
+
+@pytest.mark.parametrize("kernel", ["sde", "dance", "exact"])
+@pytest.mark.parametrize("s, s_next", STEPS)
+def test_gaussian_kernels_match_closed_form(kernel, s, s_next):
+    x, v = _data()
+    a = A if kernel != "dance" else 0.3
+    out = sde.flow_step(
+        kernel, x, v, s, s_next, noise_level=a, sigma_max=SIGMA_MAX, generator=torch.Generator().manual_seed(7)
+    )
+    mean, std = _closed_form(kernel, x, v, s, s_next, a)
+    assert out.mean.dtype == torch.float32 and out.log_prob.dtype == torch.float32
+    torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    assert out.std.flatten() == pytest.approx([std] * SHAPE[0], rel=1e-5)
+    torch.testing.assert_close(out.next_latents.double(), mean + std * _eps(7), rtol=1e-5, atol=1e-5)
+    # log p: MEAN over C, H, W of the Normal log-density
+    expected = Normal(mean, std).log_prob(out.next_latents.double()).mean(dim=(1, 2, 3))  # [n]
+    torch.testing.assert_close(out.log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s, s_next", STEPS)
+def test_cps_matches_closed_form(s, s_next):
+    x, v = _data()
+    out = sde.flow_step("cps", x, v, s, s_next, noise_level=A, generator=torch.Generator().manual_seed(3))
+    mean, std = _closed_form("cps", x, v, s, s_next, A)
+    torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    assert out.std.flatten() == pytest.approx([std] * SHAPE[0], abs=1e-7)
+    torch.testing.assert_close(out.next_latents.double(), mean + std * _eps(3), rtol=1e-5, atol=1e-5)
+    expected = -((out.next_latents.double() - mean) ** 2).mean(dim=(1, 2, 3))  # the reference's unnormalised log p
+    torch.testing.assert_close(out.log_prob.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sde_at_sigma_one_uses_sigma_max_and_needs_it():
+    x, v = _data()
+    mean, std = sde.transition("sde", x, v, 1.0, 0.9, noise_level=A, sigma_max=SIGMA_MAX)
+    g = A * math.sqrt(1.0 / (1.0 - SIGMA_MAX))
+    assert std.flatten()[0].item() == pytest.approx(g * math.sqrt(0.1), rel=1e-6)
+    torch.testing.assert_close(mean.double(), x.double() * (1 - g**2 * 0.1 / 2) + v.double() * (-0.1))
+    with pytest.raises(ValueError, match="sigma_max"):
+        sde.transition("sde", x, v, 1.0, 0.9, noise_level=A)
+
+
+@pytest.mark.parametrize("s, s_next", STEPS)
+def test_sde_mean_identity(s, s_next):
+    """x (1 + g^2 dt/(2s)) + v (1 + g^2 (1-s)/(2s)) dt == x + (v - g^2 score / 2) dt."""
+    x, v = _data(1)
+    mean, std = sde.transition("sde", x, v, s, s_next, noise_level=A, sigma_max=SIGMA_MAX)
+    dt = s_next - s
+    g2 = (std.double() ** 2 / abs(dt)).flatten()[0].item()
+    score = sde.score_estimate(x, v, s).double()
+    torch.testing.assert_close(mean.double(), x.double() + (v.double() - 0.5 * g2 * score) * dt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact", "ode"])
+@pytest.mark.parametrize("s, s_next", STEPS)
+def test_zero_noise_level_is_the_euler_step(kernel, s, s_next):
+    x, v = _data(2)
+    mean, std = sde.transition(kernel, x, v, s, s_next, noise_level=0.0, sigma_max=SIGMA_MAX)
+    torch.testing.assert_close(mean, x + v * (s_next - s), rtol=1e-5, atol=1e-6)
+    assert torch.all(std == 0)
+
+
+@pytest.mark.parametrize("kernel", ["sde", "dance", "exact"])
+def test_small_noise_level_tends_to_euler(kernel):
+    x, v = _data(2)
+    euler = x + v * (0.25 - 0.6)
+    gaps = [
+        (sde.transition(kernel, x, v, 0.6, 0.25, noise_level=a)[0] - euler).abs().max().item() for a in (1e-1, 1e-2)
+    ]
+    assert gaps[1] < gaps[0] / 50  # the drift correction is O(a^2)
+
+
+def test_ode_kernel_draws_no_noise_and_has_zero_log_prob():
+    x, v = _data()
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    out = sde.flow_step("ode", x, v, 0.6, 0.25, generator=gen)
+    assert torch.equal(gen.get_state(), state)
+    torch.testing.assert_close(out.next_latents, x + v * (0.25 - 0.6))
+    assert torch.equal(out.log_prob, torch.zeros(SHAPE[0]))
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact"])
+@pytest.mark.parametrize("s, s_next", [(1.0, 0.9), (0.6, 0.25), (0.25, 0.0)])
+def test_rescoring_a_recorded_sample_reproduces_its_log_prob(kernel, s, s_next):
+    x, v = _data()
+    kw = dict(noise_level=0.5, sigma_max=SIGMA_MAX)
+    sampled = sde.flow_step(kernel, x, v, s, s_next, generator=torch.Generator().manual_seed(11), **kw)
+    rescored = sde.flow_step(kernel, x, v, s, s_next, next_latents=sampled.next_latents, **kw)
+    assert torch.equal(rescored.log_prob, sampled.log_prob)
+    assert torch.equal(rescored.mean, sampled.mean)
+    # a different velocity changes the log-prob of the same recorded sample (except the last cps step)
+    if not (kernel == "cps" and s_next == 0.0):
+        moved = sde.flow_step(kernel, x, v + 0.1, s, s_next, next_latents=sampled.next_latents, **kw)
+        assert not torch.allclose(moved.log_prob, sampled.log_prob)
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact"])
+def test_per_row_sigmas_equal_scalar_calls(kernel):
+    x, v = _data()
+    s = torch.tensor([1.0, 0.6, 0.25])  # [n]
+    s_next = torch.tensor([0.9, 0.25, 0.0])  # [n]
+    nxt = x * 0.5
+    rows = sde.flow_step(kernel, x, v, s, s_next, sigma_max=SIGMA_MAX, next_latents=nxt)
+    for i in range(3):
+        one = sde.flow_step(
+            kernel, x[i : i + 1], v[i : i + 1], s[i].item(), s_next[i].item(), sigma_max=SIGMA_MAX,
+            next_latents=nxt[i : i + 1],
+        )
+        torch.testing.assert_close(rows.log_prob[i : i + 1], one.log_prob)
+        torch.testing.assert_close(rows.mean[i : i + 1], one.mean)
+
+
+def test_log_prob_is_a_mean_over_dims_not_a_sum():
+    x, v = _data()
+    out = sde.flow_step("sde", x, v, 0.6, 0.25, noise_level=A, generator=torch.Generator().manual_seed(0))
+    # the same latents repeated along W: a mean is unchanged, a sum would double
+    wide = sde.flow_step(
+        "sde", torch.cat([x, x], -1), torch.cat([v, v], -1), 0.6, 0.25, noise_level=A,
+        next_latents=torch.cat([out.next_latents] * 2, -1),
+    )
+    torch.testing.assert_close(wide.log_prob, out.log_prob)
+
+
+def test_schedules():
+    s = torch.linspace(1, 0, 11, dtype=torch.float64)
+    k = 3.0
+    torch.testing.assert_close(sde.shift_sigmas(s, k), k * s / (1 + (k - 1) * s))
+    torch.testing.assert_close(sde.shift_sigmas(s, 1.0), s)
+    d = sde.dance_sigmas(10, shift=k)
+    assert d.shape == (11,) and d[0] == 1.0 and d[-1] == 0.0
+    torch.testing.assert_close(d, (k * s / (1 + (k - 1) * s)).float())
+
+
+def test_equalizer_weights_equalize_gain_over_std():
+    s = torch.tensor(SIGMAS[:-1])  # [T]
+    s_next = torch.tensor(SIGMAS[1:])  # [T]
+    w = sde.equalizer_weights("sde", s, s_next, noise_level=A, sigma_max=SIGMA_MAX)
+    gains = []
+    for si, sn in zip(SIGMAS[:-1], SIGMAS[1:]):
+        g2 = A**2 * si / (1 - (SIGMA_MAX if si == 1.0 else si))
+        gains.append(abs((1 + g2 * (1 - si) / (2 * si)) * (sn - si)) / math.sqrt(g2 * (si - sn)))
+    gains = torch.tensor(gains, dtype=torch.float64)
+    torch.testing.assert_close(w.double(), gains.median() / gains, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_are_readable():
+    x, v = _data()
+    with pytest.raises(ValueError, match="unknown flow kernel"):
+        sde.transition("euler", x, v, 0.5, 0.4)
+    with pytest.raises(ValueError, match="Generator"):
+        sde.flow_step("sde", x, v, 0.5, 0.4)
