@@ -55,8 +55,9 @@ def batched_runs(runs: Sequence[tuple[int, int]]) -> list[tuple[list[int], int]]
 class Collective:
     """Thin wrapper over an accelerate.Accelerator (or nothing, for one process)."""
 
-    def __init__(self, accelerator: Any | None = None) -> None:
+    def __init__(self, accelerator: Any | None = None, mixed_precision: str = "no") -> None:
         self.accelerator = accelerator
+        self.mixed_precision = mixed_precision
         self.world_size = accelerator.num_processes if accelerator else 1
         self.rank = accelerator.process_index if accelerator else 0
         self.is_main = self.rank == 0
@@ -89,7 +90,10 @@ class Collective:
 
     def autocast(self) -> Any:
         """Mixed-precision context of the run (sampling and scoring both use it, so ratios stay on-policy)."""
-        return self.accelerator.autocast() if self.accelerator else nullcontext()
+        if self.mixed_precision == "no":
+            return nullcontext()
+        device = self.accelerator.device if self.accelerator else torch.device("cpu")
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def barrier(self) -> None:
         if self.world_size > 1:

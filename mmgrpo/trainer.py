@@ -79,8 +79,10 @@ def train(
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     _validate(cfg)
-    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
-    comm = Collective(accelerator)
+    # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
+    # accelerate's state is process-wide and would refuse a second train() with other precision.
+    accelerator = Accelerator(cpu=cfg.train.cpu)
+    comm = Collective(accelerator, mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # once, before anything is built: model init is reproducible
 

@@ -214,3 +214,11 @@ def test_crash_mid_checkpoint_leaves_the_previous_one(tmp_path):
     assert not (root / "step_000006" / "stale.bin").exists()
     assert not stage.exists()
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000004", "step_000006"]  # keep_checkpoints=2
+
+
+def test_two_runs_in_one_process_with_different_precision(tmp_path):
+    one = train("toy", out=tmp_path / "a", overrides=SMALL + ["train.max_steps=1"], progress=False)
+    two = train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=1", "train.mixed_precision=bf16"],
+                progress=False)
+    assert one.metrics[0]["ratio/mean"] == 1.0
+    assert two.metrics[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-2)  # bf16 sampling and scoring agree
