@@ -5,11 +5,14 @@ One decision step is one completion token. The adapter
 - turns each prompt item into model inputs ONCE (chat template + processor: pixel_values,
   image_grid_thw, video_grid_thw, ...), keeps them in `Rollout.shared["prompt_inputs"]`, and
   encodes them once in a single prefill whose KV cache is then repeated for the G samples;
-- samples tokens with its own short loop over the model and KV cache, drawing from the given
-  torch.Generator, and records the log-prob of each token under the distribution it was drawn
-  from (logits / temperature, then top-p); `log_prob` re-scores with one teacher-forced forward
-  over prompt + completion with the SAME vision inputs and the same logits processing
-  (`sampling_logits`, the one place that math lives);
+- samples tokens with its own short loop over the model and KV cache (in inference mode, with
+  the decode steps' attention masks built once), drawing from the given torch.Generator, and
+  records the log-prob of each token under the distribution it was drawn from (logits /
+  temperature, then top-p); `log_prob` re-scores teacher-forced with the SAME vision inputs and
+  the same logits processing (`sampling_logits`, the one place that math lives): each distinct
+  prompt once, then all completions on top of their prompt's KV cache (the gradient of a full
+  forward per row, without recomputing the prompt G times); for Qwen2-VL / Qwen2.5-VL with a
+  frozen vision tower the vision features and M-RoPE positions of sampling are reused;
 - checks the image/video placeholder counts against the vision inputs of every row before a
   forward pass, so a mismatch is one readable error naming the row, not a crash in the model.
 
@@ -31,6 +34,7 @@ import itertools
 import uuid
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -43,6 +47,13 @@ from mmgrpo.rollout import Rollout
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder")
 # Per-token processor outputs: padded and extended with the sequence, not concatenated per image.
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+# Processor outputs a vision encoder reads: (placeholder kind, pixel key, grid key).
+VISION_INPUTS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+PIXEL_KEYS = tuple(pixel_key for _, pixel_key, _ in VISION_INPUTS)
+# Families whose forward takes precomputed vision features as `mm_encoder_outputs` holding only
+# `pooler_output` (one tensor per image / video). Qwen3-VL also needs its deepstack features, so
+# it, like any other model, re-encodes the pixels when re-scoring.
+REUSE_VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Default LoRA targets: attention and MLP projections of Qwen/Llama-style decoders.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -51,8 +62,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def sampling_logits(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
+    temperature: torch.Tensor | None,
+    top_p: torch.Tensor | None,
     banned: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
@@ -60,16 +71,20 @@ def sampling_logits(
 
     logits [..., V]; temperature and top_p [...] (one per row). Tokens outside the nucleus (the
     smallest set of most likely tokens whose mass reaches top_p) and `banned` token ids get -inf.
-    Rows with top_p >= 1 are not filtered. Both sampling and re-scoring call this, so the
-    recorded and the re-scored log-probs come from the same distribution. Note that with
+    Rows with top_p >= 1 are not filtered. temperature=None means 1 for every row (x / 1 is x
+    exactly, so it only skips the work) and top_p=None that no row is filtered (it skips the
+    check, which the decode loop would otherwise repeat at every token). Both sampling and
+    re-scoring call this, so the recorded and the re-scored log-probs come from the same distribution. Note that with
     top_p < 1 a token can fall outside the nucleus of updated weights (log-prob -inf).
     float64 (the default) keeps the fp32 log-probs computed from it within one rounding step of
     each other however the batch is shaped; float32 halves the memory of this step.
     """
-    scaled = logits.to(dtype) / temperature.to(dtype).unsqueeze(-1)  # [..., V]
+    scaled = logits.to(dtype)  # [..., V]
+    if temperature is not None:
+        scaled = scaled / temperature.to(dtype).unsqueeze(-1)  # [..., V]
     if banned is not None and banned.numel():
         scaled = scaled.index_fill(-1, banned, float("-inf"))  # [..., V]
-    if bool((top_p < 1).any()):
+    if top_p is not None and bool((top_p < 1).any()):
         ordered, order = scaled.sort(dim=-1, descending=True, stable=True)  # [..., V]
         probs = ordered.softmax(-1)  # [..., V]
         mass_before = probs.cumsum(-1) - probs  # [..., V] mass of the more likely tokens
@@ -85,6 +100,29 @@ def _as_dtype(dtype: Any) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+@dataclass
+class PromptReuse:
+    """What re-scoring reuses from sampling for one prompt: its M-RoPE positions and vision features.
+
+    Valid only while the prompt's tensors are the ones it was computed from (same objects, not
+    modified in place): `matches` checks, and log_prob recomputes everything otherwise.
+    """
+
+    sources: dict[str, tuple[torch.Tensor, int]]  # prompt key -> (tensor, its version counter)
+    positions: torch.Tensor  # [3, L] M-RoPE positions of the prompt's L tokens
+    delta: int  # the text token after the prompt's L tokens sits at L + delta
+    features: dict[str, tuple[torch.Tensor, ...]]  # "image"/"video" -> encoder output per item, in order
+
+    @staticmethod
+    def sources_of(prompt: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        return {k: (v, v._version) for k, v in prompt.items()}
+
+    def matches(self, prompt: dict[str, torch.Tensor]) -> bool:
+        return prompt.keys() == self.sources.keys() and all(
+            prompt[k] is t and t._version == v for k, (t, v) in self.sources.items()
+        )
 
 
 class VLMAdapter:
@@ -120,6 +158,9 @@ class VLMAdapter:
         long (padded with the pad id), completion_length [N] long (tokens incl. EOS),
         temperature [N], top_p [N] (the processing each row was sampled under).
       shared["prompt_inputs"]: {prompt_key: processor outputs of one prompt, batch 1}.
+      shared["prompt_reuse"] (M-RoPE VLMs with a frozen vision tower): {prompt_key: PromptReuse},
+        the prompt's positions and vision features from sampling, so that re-scoring runs the
+        vision tower and the rope index once per prompt, not once per row and forward.
     """
 
     scores_all_steps_at_once = True
@@ -217,6 +258,14 @@ class VLMAdapter:
         self._setup_training(finetune, freeze_vision, lora_rank, lora_alpha, lora_dropout,
                              lora_target_modules, keep_reference)
         self._active = self.model
+        # Qwen2-VL / Qwen2.5-VL with a frozen vision tower: encode each prompt's images once at
+        # sampling and reuse the features (and M-RoPE positions) when re-scoring; see _reuse_prompts.
+        self._reuse_family = (
+            self._rope_index is not None
+            and getattr(model.config, "model_type", None) in REUSE_VISION_FAMILIES
+            and "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters
+        )
+        self._vision_parameters = [p for name, p in self.model.named_parameters() if self._in_vision(name)]
         # keys of shared["prompt_inputs"]: unique per adapter instance, so rollouts concatenate safely
         self._key_prefix = uuid.uuid4().hex[:8]
         self._prompt_counter = itertools.count()
@@ -267,6 +316,52 @@ class VLMAdapter:
             if value is not None:
                 return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         raise ValueError("no EOS token id found in the generation config or model config: pass eos_token_id=")
+
+    @staticmethod
+    def _prepared_mask_kind(model) -> str | None:
+        """How decode steps pass their attention mask: "bool" (sdpa) or "additive" (eager) for a
+        ready 4D mask [R, 1, 1, K], or None for the plain 2D padding mask.
+
+        With one new token per row and a KV cache, the causal mask of a decode step is just the
+        row's padding mask, so it can be built once per rollout instead of by the model's mask
+        utilities at every token (about a fifth of a tiny model's decode time on CPU).
+        transformers passes a 4D mask through unchanged, which is only right when every layer
+        is full attention (no sliding window) and the attention kernel reads this format.
+        """
+        text_config = model.config.get_text_config()
+        layer_types = getattr(text_config, "layer_types", None)
+        if not layer_types or any(kind != "full_attention" for kind in layer_types):
+            return None
+        return {"sdpa": "bool", "eager": "additive"}.get(getattr(text_config, "_attn_implementation", None))
+
+    @property
+    def _reuse_prompts(self) -> bool:
+        """Whether sampling keeps, and re-scoring uses, each prompt's vision features and positions.
+
+        Checked at every call: the features carry no gradient, so a vision tower with trainable
+        weights must be run again when re-scoring.
+        """
+        return self._reuse_family and not any(p.requires_grad for p in self._vision_parameters)
+
+    def _decode_masks(self, prompt_mask: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """Attention masks of all decode steps in one buffer; step t uses `buffer[..., : L + t + 1]`.
+
+        prompt_mask [R, L] (1 = real token, 0 = left padding); every completion position is
+        attended (a row past its EOS keeps decoding pad tokens whose outputs are dropped). Returns
+        [R, L + steps] (2D), or [R, 1, 1, L + steps] bool / additive float (see _prepared_mask_kind).
+        """
+        R = prompt_mask.shape[0]
+        kind = self._prepared_mask_kind(self._active)
+        keep = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(R, steps, dtype=torch.bool)], 1)  # [R, L + steps]
+        if kind == "bool":
+            return keep[:, None, None, :]
+        if kind == "additive":
+            blocked = torch.zeros(keep.shape, dtype=dtype, device=keep.device)  # [R, L + steps]
+            return blocked.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :]
+        return keep.to(prompt_mask.dtype)
+
+    def _embedding_dtype(self) -> torch.dtype:
+        return self._active.get_input_embeddings().weight.dtype
 
     @staticmethod
     def _vision_prefixes(model) -> list[str]:
@@ -481,9 +576,70 @@ class VLMAdapter:
         return positions, torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
 
     def _next_positions(self, position: torch.Tensor) -> torch.Tensor:
-        """position_ids for one new token per row, from its scalar position [R]."""
-        position = position.view(-1, 1)  # [R, 1]
+        """position_ids ([R, k], or [3, R, k] for M-RoPE) of new text tokens from their positions [R] or [R, k]."""
+        position = position.view(position.shape[0], -1)  # [R, k]
         return position.unsqueeze(0).expand(3, -1, -1) if self._rope_index is not None else position
+
+    def _vision_features(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Vision-encoder outputs of every image / video in `batch`, one tensor per item in row order."""
+        features = {}
+        for kind, pixel_key, grid_key in VISION_INPUTS:
+            if pixel_key in batch:
+                encode = getattr(self._active, f"get_{kind}_features")
+                with torch.no_grad():  # the tower is frozen: its outputs never carry gradients
+                    out = encode(batch[pixel_key], batch[grid_key], return_dict=True)
+                features[kind] = tuple(out.pooler_output)
+        return features
+
+    @staticmethod
+    def _with_features(batch: dict[str, torch.Tensor], features: dict[str, tuple[torch.Tensor, ...]]) -> dict:
+        """`batch` with its pixel inputs replaced by precomputed encoder outputs (`mm_encoder_outputs`)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
+        inputs["mm_encoder_outputs"] = {
+            kind: BaseModelOutputWithPooling(pooler_output=items) for kind, items in features.items() if items
+        }
+        return inputs
+
+    def _reuse_entries(self, encoded, batch, positions, delta, features) -> list[PromptReuse]:
+        """One PromptReuse per prompt of a sampling batch (left-padded to L): positions and features."""
+        L = batch["attention_mask"].shape[1]
+        offsets = dict.fromkeys(features, 0)
+        entries = []
+        for b, prompt in enumerate(encoded):
+            items = {}
+            for kind, _, grid_key in VISION_INPUTS:
+                if kind in features:
+                    count = prompt[grid_key].shape[0] if grid_key in prompt else 0
+                    items[kind] = features[kind][offsets[kind] : offsets[kind] + count]
+                    offsets[kind] += count
+            length = prompt["input_ids"].shape[1]
+            entries.append(PromptReuse(PromptReuse.sources_of(prompt), positions[:, b, L - length :].clone(),
+                                       int(delta[b]), items))
+        return entries
+
+    def _reusable(self, rollout: Rollout, keys: list[str], prompts: list[dict]) -> list[PromptReuse] | None:
+        """PromptReuse entries of `keys`, or None when any is missing or its prompt tensors changed."""
+        table = rollout.shared.get("prompt_reuse") if self._reuse_prompts else None
+        if not table:
+            return None
+        entries = [table.get(key) for key in keys]
+        if any(e is None or not e.matches(p) for e, p in zip(entries, prompts)):
+            return None
+        return entries
+
+    def _reused_positions(self, entries: list[PromptReuse], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE position_ids [3, U, width] of left-padded prompts and their deltas [U], from sampling.
+
+        The values get_rope_index gives the prompts' tokens; padding gets 1, as there.
+        """
+        device = self.device
+        positions = torch.ones(3, len(entries), width, dtype=torch.long, device=device)  # [3, U, width]
+        for r, entry in enumerate(entries):
+            positions[:, r, width - entry.positions.shape[-1] :] = entry.positions.to(device)
+        delta = torch.tensor([entry.delta for entry in entries], dtype=torch.long, device=device)  # [U]
+        return positions, delta
 
     def _forward(self, keep: int, **inputs) -> Any:
         if self._keeps_logits:
@@ -510,44 +666,15 @@ class VLMAdapter:
 
         encoded = [self._encode(item, i) for i, item in enumerate(prompts)]  # processor once per prompt
         batch = self._collate(encoded)  # [B, L] left-padded
-        positions, delta = self._positions(batch)
-        prompt_lengths = batch["attention_mask"].sum(-1)  # [B]
-        out = self._forward(1, **batch, position_ids=positions, use_cache=True)  # vision encoded once
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(G)  # the prompt's cache, once per sample of its group
-        logits = out.logits[:, -1].repeat_interleave(G, 0)  # [R, V]
-        attention = batch["attention_mask"].repeat_interleave(G, 0)  # [R, L]
-        next_position = (prompt_lengths + delta).repeat_interleave(G)  # [R]
-
+        positions, delta = self._positions(batch)  # [(3,) B, L], [B]
+        features = self._vision_features(batch) if self._reuse_prompts else None  # vision encoded once
         temp = torch.full((R,), temperature, device=device)  # [R]
         nucleus = torch.full((R,), top_p, device=device)  # [R]
-        banned = torch.tensor(self._banned, dtype=torch.long, device=device)
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
-        tokens = torch.full((R, T), self.pad_token_id, dtype=torch.long, device=device)  # [R, T]
-        log_probs = torch.zeros(R, T, device=device)  # [R, T]
-        lengths = torch.zeros(R, dtype=torch.long, device=device)  # [R]
-        ended = torch.zeros(R, dtype=torch.bool, device=device)  # [R] emitted EOS
-        for t in range(T):
-            scores = sampling_logits(logits, temp, nucleus, banned, self.logit_dtype)  # [R, V]
-            log_z = scores.logsumexp(-1, keepdim=True)  # [R, 1]
-            cdf = (scores - log_z).exp().cumsum(-1)  # [R, V]
-            # inverse-CDF draw: one uniform per row from the caller's generator, on its own device
-            u = torch.rand(R, generator=generator, device=generator.device, dtype=cdf.dtype).to(device)  # [R]
-            drawn = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)  # [R, 1]
-            drawn = drawn.clamp(max=cdf.shape[-1] - 1)  # [R, 1]
-            alive = ~ended if self.stop_on_eos else torch.ones_like(ended)  # [R]
-            token = torch.where(alive, drawn[:, 0], self.pad_token_id)  # [R]
-            tokens[:, t] = token
-            log_probs[:, t] = torch.where(alive, (scores.gather(1, drawn) - log_z)[:, 0].float(), 0.0)
-            lengths += alive.long()
-            ended |= alive & torch.isin(token, eos)
-            if t == T - 1 or (self.stop_on_eos and bool(ended.all())):
-                break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)  # [R, L + t + 1]
-            out = self._forward(1, input_ids=token[:, None], attention_mask=attention,
-                                position_ids=self._next_positions(next_position + t),
-                                past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1]  # [R, V]
+        # Decoding never needs autograd: inference mode skips its bookkeeping (~10% of a small model's
+        # decode time on CPU). Its outputs are inference tensors, cloned into ordinary ones here.
+        with torch.inference_mode():
+            decoded = self._decode(batch, positions, delta, features, G, T, temp, nucleus, generator)
+        tokens, log_probs, lengths, ended = (x.clone() for x in decoded)  # [R, T], [R, T], [R], [R]
 
         steps = torch.arange(T, device=device)
         mask = steps[None, :] < lengths[:, None]  # [R, T] completion tokens up to and including EOS
@@ -561,6 +688,9 @@ class VLMAdapter:
             samples.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         keys = [f"{self._key_prefix}-{next(self._prompt_counter)}" for _ in range(B)]
         rows = [b for b in range(B) for _ in range(G)]
+        shared: dict[str, Any] = {"prompt_inputs": dict(zip(keys, encoded))}
+        if features is not None:
+            shared["prompt_reuse"] = dict(zip(keys, self._reuse_entries(encoded, batch, positions, delta, features)))
         return Rollout(
             group_id=torch.arange(B).repeat_interleave(G),  # [N]
             prompts=[prompts[b] for b in rows],
@@ -574,15 +704,76 @@ class VLMAdapter:
                 "temperature": temp,  # [N]
                 "top_p": nucleus,  # [N]
             },
-            shared={"prompt_inputs": dict(zip(keys, encoded))},
+            shared=shared,
         )
+
+    def _decode(
+        self, batch: dict[str, torch.Tensor], positions: torch.Tensor, delta: torch.Tensor,
+        features: dict[str, tuple[torch.Tensor, ...]] | None, G: int, T: int, temp: torch.Tensor,
+        nucleus: torch.Tensor, generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample up to T tokens for each of the G rows per prompt of `batch` ([B, L], left-padded).
+
+        One prefill over the B prompts (vision encoded once, or given as `features`), its KV cache
+        repeated for the G samples, then one forward per token. Returns tokens [R, T] (pad after
+        the end), log_probs [R, T] fp32 (0 after the end), lengths [R] (incl. EOS), ended [R].
+        """
+        device = self.device
+        R = temp.shape[0]
+        prompt_lengths = batch["attention_mask"].sum(-1)  # [B]
+        inputs = batch if features is None else self._with_features(batch, features)
+        out = self._forward(1, **inputs, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)  # the prompt's cache, once per sample of its group
+        logits = out.logits[:, -1].repeat_interleave(G, 0)  # [R, V]
+        L = batch["attention_mask"].shape[1]
+        masks = self._decode_masks(batch["attention_mask"].repeat_interleave(G, 0), T, self._embedding_dtype())
+        next_position = (prompt_lengths + delta).repeat_interleave(G)  # [R] of the first completion token
+        decode_positions = self._next_positions(next_position[:, None] + torch.arange(T, device=device))  # [(3,) R, T]
+
+        banned = torch.tensor(self._banned, dtype=torch.long, device=device)
+        # decided once per rollout, not at every token: rows all at temperature 1 / none top-p filtered
+        temp = temp if bool((temp != 1).any()) else None
+        nucleus = nucleus if bool((nucleus < 1).any()) else None
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        tokens = torch.full((R, T), self.pad_token_id, dtype=torch.long, device=device)  # [R, T]
+        log_probs = torch.zeros(R, T, device=device)  # [R, T]
+        ended = torch.zeros(R, dtype=torch.bool, device=device)  # [R] emitted EOS
+        never = torch.zeros(R, dtype=torch.bool, device=device)  # [R] without stop_on_eos no row stops
+        steps = T
+        for t in range(T):
+            logp = sampling_logits(logits, temp, nucleus, banned, self.logit_dtype).log_softmax(-1)  # [R, V]
+            cdf = logp.exp().cumsum(-1)  # [R, V]
+            # inverse-CDF draw: one uniform per row from the caller's generator, on its own device
+            u = torch.rand(R, generator=generator, device=generator.device, dtype=cdf.dtype).to(device)  # [R]
+            drawn = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)  # [R, 1]
+            drawn = drawn.clamp_(max=cdf.shape[-1] - 1)  # [R, 1]
+            done = ended if self.stop_on_eos else never  # [R] rows already past their EOS
+            token = drawn[:, 0].masked_fill(done, self.pad_token_id)  # [R]
+            tokens[:, t] = token
+            log_probs[:, t] = logp.gather(1, drawn)[:, 0].float().masked_fill(done, 0.0)
+            ended |= torch.isin(token, eos)  # (a finished row's pad may be an EOS id: it stays ended)
+            if t == T - 1 or (self.stop_on_eos and bool(ended.all())):
+                steps = t + 1
+                break
+            out = self._forward(1, input_ids=token[:, None], attention_mask=masks[..., : L + t + 1],  # [R, .., L+t+1]
+                                position_ids=decode_positions[..., t : t + 1], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]  # [R, V]
+        lengths = torch.full((R,), steps, dtype=torch.long, device=device)  # [R] tokens incl. EOS
+        if self.stop_on_eos:
+            is_eos = torch.isin(tokens[:, :steps], eos)  # [R, steps]; a row's first EOS is its real one
+            lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, lengths)
+        return tokens, log_probs, lengths, ended
 
     # ------------------------------------------------------------------ protocol: log_prob
     def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:
         """Log-probs [n, len(steps)] fp32 of the recorded tokens under the current weights.
 
-        One teacher-forced forward over prompt + completion with the rows' own vision inputs and
-        the same logits processing as sampling. Columns past a row's completion are 0.
+        Teacher-forced, with the rows' own vision inputs and the same logits processing as
+        sampling, in two forwards: each distinct prompt once (its G rows share it), then every
+        row's completion on top of its prompt's KV cache. The gradient is the one of a full
+        forward per row (the prompt pass receives the sum over its rows); the prompt tokens are
+        computed once instead of G times. Columns past a row's completion are 0.
         """
         extras = rollout.extras
         T = rollout.num_steps
@@ -596,19 +787,53 @@ class VLMAdapter:
         lengths = extras["completion_length"].to(device)  # [n]
         column = torch.arange(width, device=device)
         valid = column[None, :] < lengths[:, None]  # [n, W]
-        for r, prompt in enumerate(prompts):
-            ids = torch.cat([prompt["input_ids"][0].to(device), completion[r][valid[r]]])
-            self._check_vision_tokens(ids, prompt, f"sample {r}")
-        # the last scored token is only a target, never an input
-        batch = self._collate(prompts, completion[:, : width - 1], valid[:, : width - 1])  # [n, L + W - 1]
-        positions, _ = self._positions(batch)
-        out = self._forward(width, **batch, position_ids=positions, use_cache=False)
-        logits = out.logits[:, -width:]  # [n, W, V] logits predicting completion tokens 0..W-1
+        if self.image_token_id is not None or self.video_token_id is not None:
+            for r, prompt in enumerate(prompts):
+                ids = torch.cat([prompt["input_ids"][0].to(device), completion[r][valid[r]]])
+                self._check_vision_tokens(ids, prompt, f"sample {r}")
+        # 1. every prompt once, with gradients (Prefix Grouper): its KV cache serves all of its rows
+        keys = extras["prompt_key"]
+        unique_keys = list(dict.fromkeys(keys))  # U prompts, in order of first appearance
+        slot = {key: i for i, key in enumerate(unique_keys)}
+        row_prompt = torch.tensor([slot[key] for key in keys], dtype=torch.long, device=device)  # [n] -> [0, U)
+        unique = [rollout.shared["prompt_inputs"][key] for key in unique_keys]
+        reuse = self._reusable(rollout, unique_keys, unique)
+        if reuse is None:
+            batch = self._collate(unique)  # [U, L] left-padded
+            positions, delta = self._positions(batch)  # [(3,) U, L], [U]
+        else:  # positions and vision features from sampling: no rope index, no vision tower
+            batch = self._collate([{k: v for k, v in p.items() if k not in PIXEL_KEYS} for p in unique])  # [U, L]
+            positions, delta = self._reused_positions(reuse, batch["input_ids"].shape[1])
+            kinds = {kind for entry in reuse for kind in entry.features}
+            features = {k: tuple(x for e in reuse for x in e.features.get(k, ())) for k in kinds}  # rows in order
+            batch = self._with_features(batch, features)
         banned = torch.tensor(self._banned, dtype=torch.long, device=device)
-        scores = sampling_logits(
-            logits, extras["temperature"].to(device)[:, None], extras["top_p"].to(device)[:, None], banned,
-            self.logit_dtype,
-        )  # [n, W, V]
-        picked = scores.gather(-1, completion.unsqueeze(-1))[..., 0] - scores.logsumexp(-1)  # [n, W]
-        picked = torch.where(valid, picked.float(), 0.0)  # [n, W]
+        temp, top_p = extras["temperature"].to(device), extras["top_p"].to(device)  # [n], [n]
+        temp = temp[:, None] if bool((temp != 1).any()) else None  # [n, 1]
+        top_p = top_p[:, None] if bool((top_p < 1).any()) else None  # [n, 1]
+
+        def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # [n, k, V], [n, k] -> [n, k]
+            scores = sampling_logits(logits, temp, top_p, banned, self.logit_dtype)  # [n, k, V]
+            return scores.log_softmax(-1).gather(-1, tokens.unsqueeze(-1))[..., 0]
+
+        prompt_mask = batch["attention_mask"]  # [U, L]
+        out = self._forward(1, **batch, position_ids=positions, use_cache=width > 1)
+        picked = [token_log_probs(out.logits[:, -1:][row_prompt], completion[:, :1])]  # [n, 1] of token 0
+        if width > 1:
+            # 2. the completions continue their prompt's cache (gradients flow back through it);
+            # the last scored token is only a target, never an input
+            cache = out.past_key_values
+            if cache is None:
+                raise RuntimeError(
+                    f"{type(self._active).__name__} returned no KV cache for use_cache=True: VLMAdapter needs a "
+                    f"model whose forward supports a cache (and gradient checkpointing off while scoring)"
+                )
+            cache.batch_select_indices(row_prompt)  # [U, ...] -> [n, ...]
+            attention = torch.cat([prompt_mask[row_prompt], valid[:, : width - 1].to(prompt_mask.dtype)], 1)
+            start = (prompt_mask.sum(-1) + delta)[row_prompt]  # [n] position of completion token 0
+            positions = self._next_positions(start[:, None] + column[None, : width - 1])  # [(3,) n, W - 1]
+            out = self._forward(width - 1, input_ids=completion[:, : width - 1], attention_mask=attention,
+                                position_ids=positions, past_key_values=cache, use_cache=True)  # [n, L + W - 1] keys
+            picked.append(token_log_probs(out.logits[:, -(width - 1) :], completion[:, 1:]))  # [n, W - 1]
+        picked = torch.where(valid, torch.cat(picked, 1).float(), 0.0)  # [n, W]
         return picked[:, steps]  # [n, len(steps)]
