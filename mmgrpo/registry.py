@@ -28,6 +28,7 @@ REWARDS: dict[str, str] = {
     "iou": "mmgrpo.rewards.iou:IoUReward",
     "format": "mmgrpo.rewards.format:FormatReward",
     "accuracy": "mmgrpo.rewards.accuracy:AccuracyReward",
+    "clip_score": "mmgrpo.rewards.clip_score:CLIPScore",
 }
 
 DATASETS: dict[str, str] = {
