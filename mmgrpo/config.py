@@ -91,6 +91,7 @@ class TrainConfig:
     dynamic_sampling_max_rounds: int = 4
     mixed_precision: Literal["no", "bf16"] = "no"
     cpu: bool = False  # force CPU even when a GPU is present
+    num_threads: int | None = None  # torch CPU threads (1 is fastest for the tiny embedded models)
     checkpoint_every: int = 50  # steps; a final checkpoint is always written
     keep_checkpoints: int = 2
     gallery_every: int = 0  # steps between training galleries (0: only before/after)

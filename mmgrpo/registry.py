@@ -34,6 +34,7 @@ REWARDS: dict[str, str] = {
 DATASETS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:toy_prompts",
     "miniworld": "mmgrpo.miniworld:train_and_heldout",
+    "miniworld_vlm": "mmgrpo.miniworld:vlm_prompts",
 }
 
 ESTIMATORS = {

@@ -79,6 +79,8 @@ def train(
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     _validate(cfg)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
     # accelerate's state is process-wide and would refuse a second train() with other precision.
     accelerator = Accelerator(cpu=cfg.train.cpu)
@@ -626,6 +628,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.group_size must be at least 2: group-relative advantages of one sample are 0")
     if cfg.loss.ratio == "sequence" and t.step_chunk:
         raise ConfigError("loss.ratio=sequence (GSPO) scores all steps at once: remove train.step_chunk")
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"train.num_threads must be at least 1 (or null for torch's default), got {t.num_threads}")
     if t.step_chunk is not None and t.step_chunk < 1:
         raise ConfigError(f"train.step_chunk must be at least 1 (or null for all steps), got {t.step_chunk}")
     if cfg.loss.eps_low <= 0 or (cfg.loss.eps_high is not None and cfg.loss.eps_high <= 0):
