@@ -574,3 +574,53 @@ def train_and_heldout(kind: str = "image", num_train: int = 512, num_eval: int =
         "train": prompt_set(kind, split="train", n=num_train, size=size),
         "eval": prompt_set(kind, split="heldout", n=num_eval, size=size),
     }
+
+
+VLM_IMAGE_SIZE = 56  # a multiple of Qwen-VL's 28-pixel merge unit: the processor keeps it as it is
+VLM_TASKS = ("grounding", "motion")
+
+
+def vlm_item(task: str, seed: int, *, size: int = VLM_IMAGE_SIZE, instruction: str | None = None) -> dict[str, Any]:
+    """One VLM prompt item (see `vlm_prompts`) for `task` ("grounding" | "motion") from `seed`."""
+    if task not in VLM_TASKS:
+        raise ValueError(f"vlm_item: unknown task {task!r}; use one of {VLM_TASKS}")
+    item = prompt_item(task, seed, size=size)
+    scene = {k: item[k] for k in ("kind", "seed", "layout", "objects", "relation", "motion", "frames")}
+    if task == "grounding":
+        item["image"] = render(scene, size)  # [size, size, 3] uint8
+    else:
+        item["video"] = render_clip(scene, size)  # [F, size, size, 3] uint8
+    item["resized_size"] = [size, size]  # what a Qwen-VL processor makes of it: absolute pixels = image pixels
+    if instruction:
+        item["prompt"] = f"{item['prompt']} {instruction}"
+    return item
+
+
+def vlm_prompts(
+    task: str = "grounding",
+    num_train: int = 512,
+    num_eval: int = 128,
+    size: int = VLM_IMAGE_SIZE,
+    instruction: str | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The VLM prompt set for data.source (`mmgrpo.miniworld:vlm_prompts`): {"train": [...], "eval": [...]}.
+
+    Train items come from the train seed range, eval items from the held-out range (disjoint).
+    task "grounding": "prompt" ("Where is the red circle?"), "image" (uint8 [size, size, 3]),
+    "box" ([x1, y1, x2, y2], pixels of that image, x2/y2 exclusive), "image_size" and
+    "resized_size" ([size, size]: with the default size 56 the processor does not resize, so
+    Qwen-style absolute coordinates are image pixels and an exact box scores IoU 1.0).
+    task "motion": "prompt" ("Which way is the green triangle moving?"), "video" (uint8
+    [8, size, size, 3] frames), "answer" (left | right | up | down), "choices".
+    `instruction` is appended to every question (e.g. the answer format a large model should use).
+    Every item also carries its scene (objects, layout, ...), renderable with `render`.
+    """
+    if task not in VLM_TASKS:
+        raise ValueError(f"vlm_prompts: unknown task {task!r}; use one of {VLM_TASKS}")
+    for name, n in (("num_train", num_train), ("num_eval", num_eval)):
+        if not 0 <= n <= _SPLIT_SIZE:
+            raise ValueError(f"vlm_prompts: {name} must be in [0, {_SPLIT_SIZE}], got {n}")
+    return {
+        split_name: [vlm_item(task, SPLIT_OFFSETS[split] + i, size=size, instruction=instruction) for i in range(n)]
+        for split_name, split, n in (("train", "train", num_train), ("eval", "heldout", num_eval))
+    }
