@@ -34,8 +34,8 @@ def _alphabet() -> list[str]:
     return [chr(c) for c in range(33, 127) if not chr(c).isupper()]
 
 
-def tiny_clip_tokenizer():
-    """A CLIP byte-level BPE tokenizer CONSTRUCTED (not trained) from CAPTION_WORDS.
+def tiny_clip_tokenizer(words: str = CAPTION_WORDS):
+    """A CLIP byte-level BPE tokenizer CONSTRUCTED (not trained) from `words` (default CAPTION_WORDS).
 
     The vocab is the printable ASCII alphabet (each also as a word end, "x</w>") plus
     left-to-right chains of merges per caption word, so caption words are single tokens
@@ -49,7 +49,7 @@ def tiny_clip_tokenizer():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     chains = []
-    words = sorted(set(CAPTION_WORDS.split()))
+    words = sorted(set(words.split()))
     for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         chains.append([("".join(pieces[:k]), pieces[k]) for k in range(1, len(pieces))])
@@ -76,8 +76,8 @@ def tiny_clip_tokenizer():
     return tok
 
 
-def tiny_t5_tokenizer():
-    """A T5 unigram tokenizer CONSTRUCTED from CAPTION_WORDS (also serves UMT5): whole-word
+def tiny_t5_tokenizer(words: str = CAPTION_WORDS):
+    """A T5 unigram tokenizer CONSTRUCTED from `words` (default CAPTION_WORDS; also serves UMT5): whole-word
     pieces "▁word" score -1, single characters -10, so caption words are one token each and
     any ASCII text still tokenizes. Deterministic (see tiny_clip_tokenizer). model_max_length TEXT_LEN.
     """
@@ -85,7 +85,7 @@ def tiny_t5_tokenizer():
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(ch, -10.0) for ch in _alphabet() + [chr(c) for c in range(65, 91)]]
-    vocab += [("\u2581" + w, -1.0) for w in sorted(set(CAPTION_WORDS.split()))]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(words.split()))]
     tok = T5Tokenizer(vocab=vocab, extra_ids=0)
     tok.model_max_length = TEXT_LEN
     return tok

@@ -1,0 +1,483 @@
+"""Pretraining of the embedded flow-matching models (assets/image, assets/video) on the mini-world.
+
+Shared by `python -m mmgrpo.build.image` (a StableDiffusion3Pipeline, 32x32 images) and
+`python -m mmgrpo.build.video` (a WanPipeline, 9 frames of 32x32). Both are assembled from the
+REAL diffusers / transformers classes with tiny configs, then trained in two stages:
+
+1. the VAE learns to reconstruct mini-world images / clips (L1 + MSE + a tiny KL; the video
+   VAE weights object pixels 10x, since objects cover ~10% of a black frame and an all-black
+   decoder is a strong trap, and trains on pixels in [-0.9, 0.9] because its decoder clamps
+   its output to [-1, 1], which stops gradients once it undershoots). It is
+   shallow. SD3: one level, no downsampling, no mid-block attention (32x32x3 pixels -> 32x32x4
+   latents; the transformer patchifies 4x4). Wan: one 2x spatial downsample (-> 16x16x4, so
+   its mid-block attention is cheap; the transformer patchifies 1x4x4), and it does not
+   compress time (Wan 2.1 compresses it 4x, 81 -> 21 latent frames; its causal
+   scheme still encodes frame 1 alone, then chunks of 4, so clips have 1 + 4k frames):
+   the mini-world's 8-frame clips are rendered at 9 frames (linear motion, resampled) ->
+   9 latent frames. Training on 2-core CPUs is what forced this: the causal 3D convolutions
+   of a downsampling Wan VAE cost 10-20 s per step here.
+2. the latents of the training set are encoded once (the posterior mode), the latent scale
+   is fitted (SD3: scaling/shift factors; Wan: per-channel latents_mean / latents_std), and the
+   transformer learns the rectified-flow objective: x = (1 - s) x0 + s eps, target v = eps - x0,
+   s ~ sigmoid(N(0, 1)) (SD3's logit-normal), 10% of captions dropped to "" so CFG works.
+   The text encoders are random and frozen (whole-word tokenizers built for the mini-world
+   vocabulary): the transformer learns to read them; caption embeddings are computed once.
+
+Training stops after a fixed number of steps chosen so that samples are decent but imperfect
+(held-out scene score roughly 0.3-0.6), leaving GRPO room. Everything is seeded from --seed
+(torch generators, numpy seeds of the mini-world): the same command on the same machine and
+thread count gives the same weights. The result is saved with the pipeline's save_pretrained
+(safetensors) plus MODEL_CARD.md with the command, size, build time and baseline scores
+(held-out prompts, the sampler settings of the shipped config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmgrpo import miniworld as mw
+
+# Every word of the mini-world caption grammar, so each is one token.
+MINIWORLD_WORDS = " ".join(
+    ["a", "two", "three", "and", "of", "left", "right", "above", "moving", "up", "down"]
+    + list(mw.COLORS) + list(mw.SHAPES) + [s + "s" for s in mw.SHAPES]
+)
+TEXT_LEN = 16  # tokens per caption (max_sequence_length of the shipped configs; the longest caption has 10)
+VIDEO_FRAMES = 9  # 1 + 4 * 2: the frame counts the Wan VAE causal scheme accepts
+
+
+@dataclass
+class Recipe:
+    """Sizes and schedule of one build (see FULL / QUICK in image.py and video.py)."""
+
+    kind: str  # "image" | "video"
+    num_scenes: int = 4096  # training scenes (train seed range of the mini-world)
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_frames: int = 5  # clips: VAE training windows of this many frames (1 + 4k)
+    vae_fg_weight: float = 0.0  # extra loss weight on object pixels (objects cover ~10%: black is a trap)
+    pixel_scale: float = 1.0  # VAE targets in [-scale, scale]: the Wan decoder clamps to [-1, 1], and a
+    #   decoder that undershoots -1 everywhere gets no gradient through the clamp (it stays black)
+    steps: int = 3000  # transformer steps
+    batch: int = 64
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+    eval_prompts: int = 32
+    eval_steps: int = 20
+    guidance_scale: float = 1.0
+    width: dict[str, int] = field(default_factory=dict)  # model sizes, see build_*_pipeline
+
+
+# ----------------------------------------------------------------------------- tokenizers / models
+
+
+def tokenizers(kind: str):
+    """Whole-word tokenizers for the mini-world vocabulary (constructed, deterministic)."""
+    from mmgrpo.pipelines.flow.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    tok = tiny_clip_tokenizer(MINIWORLD_WORDS) if kind == "clip" else tiny_t5_tokenizer(MINIWORLD_WORDS)
+    tok.model_max_length = TEXT_LEN
+    return tok
+
+
+def build_image_pipeline(seed: int = 0, width: dict[str, int] | None = None):
+    """A StableDiffusion3Pipeline for 32x32 images: SD3 transformer over 32x32x4 latents in 4x4
+    patches (64 tokens), a one-level AutoencoderKL (no downsampling), two tiny CLIP text encoders and a tiny T5
+    (diffusers cannot reload an SD3 pipeline saved without one)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    w = {"dim": 64, "layers": 4, "heads": 4, "text": 32, "vae": 32, **(width or {})}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok1, tok2 = tokenizers("clip"), tokenizers("clip")
+
+        def clip(tok):
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=w["text"], intermediate_size=2 * w["text"], num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=w["text"], hidden_act="gelu",
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ))
+
+        te1, te2 = clip(tok1), clip(tok2)
+        tok3 = tokenizers("t5")
+        te3 = T5EncoderModel(T5Config(
+            vocab_size=len(tok3), d_model=2 * w["text"], d_kv=16, d_ff=2 * w["text"], num_layers=1, num_heads=2,
+            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok3.pad_token_id,
+            eos_token_id=tok3.eos_token_id, decoder_start_token_id=tok3.pad_token_id,
+        ))
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=4, in_channels=4, out_channels=4, num_layers=w["layers"],
+            attention_head_dim=w["dim"] // w["heads"], num_attention_heads=w["heads"],
+            joint_attention_dim=2 * w["text"],  # T5 d_model = the two CLIP hidden states, concatenated
+            caption_projection_dim=w["dim"], pooled_projection_dim=2 * w["text"], pos_embed_max_size=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",), block_out_channels=(w["vae"],),
+            layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        )
+    for m in (te1, te2, te3, transformer, vae):
+        m.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0), vae=vae,
+        text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
+    )
+
+
+def build_video_pipeline(seed: int = 0, width: dict[str, int] | None = None):
+    """A WanPipeline for 9x32x32 clips: Wan transformer over 9x16x16x4 latents in 1x4x4 patches
+    (144 tokens), an AutoencoderKLWan with one 2x spatial downsample (none in time), a tiny UMT5."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    w = {"dim": 64, "layers": 3, "heads": 4, "text": 32, "vae": 16, **(width or {})}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = tokenizers("t5")
+        te = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tok), d_model=w["text"], d_kv=16, d_ff=2 * w["text"], num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        ))
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 4, 4), num_attention_heads=w["heads"], attention_head_dim=w["dim"] // w["heads"],
+            in_channels=4, out_channels=4, text_dim=w["text"], freq_dim=32, ffn_dim=2 * w["dim"],
+            num_layers=w["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+        vae = AutoencoderKLWan(
+            base_dim=w["vae"], z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=1, scale_factor_spatial=2,
+        )
+    for m in (te, transformer, vae):
+        m.eval()
+    return WanPipeline(
+        tokenizer=tok, text_encoder=te, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0),
+        transformer=transformer,
+    )
+
+
+def build_pipeline(kind: str, seed: int = 0, width: dict[str, int] | None = None):
+    return build_image_pipeline(seed, width) if kind == "image" else build_video_pipeline(seed, width)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def scenes(kind: str, n: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """n mini-world scenes rendered in [-1, 1]: images [n, 3, 32, 32] or clips [n, 3, 9, 32, 32], and captions."""
+    items = mw.prompt_set(kind, split=split, n=n)
+    if kind == "image":
+        pix = np.stack([mw.render(it) for it in items])  # [n, H, W, 3] uint8
+        x = torch.from_numpy(pix).permute(0, 3, 1, 2)  # [n, 3, H, W]
+    else:
+        pix = np.stack([mw.render_clip(it, frames=VIDEO_FRAMES) for it in items])  # [n, F, H, W, 3]
+        x = torch.from_numpy(pix).permute(0, 4, 1, 2, 3)  # [n, 3, F, H, W]
+    return x.float() / 127.5 - 1.0, [it["prompt"] for it in items]
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), desc=desc, mininterval=2.0)
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(pipe: Any, kind: str, pixels: torch.Tensor, recipe: Recipe, seed: int) -> float:
+    """Reconstruction training of pipe.vae; returns the final mean-abs reconstruction error (0..2 scale)."""
+    vae = pipe.vae
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    err = float("nan")
+    bar = _progress(recipe.vae_steps, f"{kind} VAE")
+    for step in bar:
+        lr = recipe.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(pixels), (recipe.vae_batch,), generator=gen)  # [b]
+        x = pixels[idx]  # [b, 3, (F,) H, W]
+        if x.ndim == 5 and recipe.vae_frames:  # clips: a random window of 1 + 4k frames
+            start = int(torch.randint(0, x.shape[2] - recipe.vae_frames + 1, (1,), generator=gen))
+            x = x[:, :, start : start + recipe.vae_frames]
+        posterior = vae.encode(x).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=gen)  # [b, C, (f,) h, w]
+        z = posterior.mean + posterior.std * eps
+        rec = vae.decode(z).sample  # [b, 3, (F,) H, W]
+        weight = 1.0 + recipe.vae_fg_weight * (x.amax(dim=1, keepdim=True) > -0.9).float()  # [b, 1, (F,) H, W]
+        l1 = (rec - x).abs().mean()
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean() / weight.mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        err = 0.9 * err + 0.1 * float(l1.detach()) if err == err else float(l1.detach())
+        if step % 5 == 0:
+            bar.set_postfix(l1=f"{err:.4f}")
+    vae.eval().requires_grad_(False)
+    return err
+
+
+@torch.no_grad()
+def encode_latents(pipe: Any, kind: str, pixels: torch.Tensor) -> torch.Tensor:
+    """Posterior modes of all training scenes, normalised as the pipeline expects; also
+    writes the fitted scale into the VAE config (SD3: scaling/shift factor; Wan: mean/std per channel)."""
+    vae = pipe.vae
+    z = torch.cat([vae.encode(pixels[i : i + 64]).latent_dist.mode() for i in range(0, len(pixels), 64)])  # [n, C, ...]
+    if kind == "image":
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        return (z - shift) * scale  # [n, 4, 16, 16]
+    dims = [0, 2, 3, 4]
+    mean, std = z.mean(dims), z.std(dims)  # [C] each
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    return (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # [n, 4, 5, 16, 16]
+
+
+# ----------------------------------------------------------------------------- stage 2: transformer
+
+
+@torch.no_grad()
+def caption_embeddings(pipe: Any, kind: str, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{caption: {name: tensor [1, ...]}} for every distinct caption and "" (the CFG negative),
+    through the pipeline's own encode_prompt (the same call the FlowAdapter makes)."""
+    distinct = sorted(set(captions) | {""})
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(0, len(distinct), 128):
+        chunk = distinct[i : i + 128]
+        if kind == "image":
+            pe, _, pooled, _ = pipe.encode_prompt(
+                prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"), num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
+            )
+            parts = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}  # [b, L, D], [b, P]
+        else:
+            pe, _ = pipe.encode_prompt(
+                prompt=chunk, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                max_sequence_length=TEXT_LEN, device=torch.device("cpu"), dtype=torch.float32,
+            )
+            parts = {"prompt_embeds": pe}  # [b, L, D]
+        for j, text in enumerate(chunk):
+            out[text] = {k: v[j : j + 1] for k, v in parts.items()}
+    return out
+
+
+def _forward(pipe: Any, kind: str, x: torch.Tensor, sigma: torch.Tensor, emb: dict[str, torch.Tensor]) -> torch.Tensor:
+    t = sigma * pipe.scheduler.config.num_train_timesteps  # [b]
+    if kind == "image":
+        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb["prompt_embeds"],
+                                pooled_projections=emb["pooled_prompt_embeds"], return_dict=False)[0]
+    return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb["prompt_embeds"], return_dict=False)[0]
+
+
+def train_transformer(pipe: Any, kind: str, latents: torch.Tensor, captions: list[str], recipe: Recipe, seed: int) -> float:
+    """Rectified-flow training of pipe.transformer on (latents, captions); returns the final loss (EMA)."""
+    table = caption_embeddings(pipe, kind, captions)
+    names = list(table[""])
+    stacked = {k: torch.cat([table[c][k] for c in captions]) for k in names}  # each [n, ...]
+    empty = table[""]
+    model = pipe.transformer
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed + 2)
+    ema = float("nan")
+    bar = _progress(recipe.steps, f"{kind} transformer")
+    for step in bar:
+        lr = recipe.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(latents), (recipe.batch,), generator=gen)  # [b]
+        x0 = latents[idx]  # [b, C, ...]
+        drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout  # [b]
+        emb = {}
+        for k in names:
+            e = stacked[k][idx].clone()  # [b, ...]
+            e[drop] = empty[k].expand(int(drop.sum()), *empty[k].shape[1:])
+            emb[k] = e
+        sigma = torch.sigmoid(torch.randn(recipe.batch, generator=gen))  # [b] logit-normal
+        eps = torch.randn(x0.shape, generator=gen)  # [b, C, ...]
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        x = (1 - s) * x0 + s * eps
+        v = _forward(pipe, kind, x, sigma, emb)  # [b, C, ...]
+        loss = F.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = 0.98 * ema + 0.02 * float(loss.detach()) if ema == ema else float(loss.detach())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{ema:.4f}")
+    model.eval().requires_grad_(False)
+    return ema
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(path: str | Path, kind: str, *, num_prompts: int, eval_steps: int, guidance_scale: float,
+             seed: int = 1234, batch_size: int = 16, clip: bool = True) -> dict[str, Any]:
+    """Held-out scene score (and CLIPScore when the embedded CLIP is built) of the saved pipeline,
+    sampled the way the trainer's evaluation does (FlowAdapter, all-ODE, eval_steps, fixed seed)."""
+    from mmgrpo.pipelines.flow.adapter import FlowAdapter
+    from mmgrpo.rewards.scene import SceneReward
+
+    adapter = FlowAdapter(path=str(path), finetune="full", eval_steps=eval_steps, guidance_scale=guidance_scale,
+                          max_sequence_length=TEXT_LEN, num_frames=VIDEO_FRAMES if kind == "video" else None,
+                          height=32, width=32)
+    prompts = mw.prompt_set(kind, split="heldout", n=num_prompts)
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(0, len(prompts), batch_size):
+        samples += adapter.sample(prompts[i : i + batch_size], 1, gen, evaluate=True).samples
+    scene = SceneReward()(samples, prompts)
+    out: dict[str, Any] = {"num_prompts": num_prompts, "eval_steps": eval_steps, "guidance_scale": guidance_scale,
+                           "eval_seed": seed}
+    for k, vals in scene.items():
+        vals = [v for v in vals if v is not None]
+        out[f"scene/{k}"] = round(float(np.mean(vals)), 4) if vals else None
+    out["clip_score"] = None
+    if clip:
+        try:
+            from mmgrpo.rewards.clip_score import CLIPScore
+
+            scores = [s for s in CLIPScore()(samples, prompts) if s is not None]
+            out["clip_score"] = round(float(np.mean(scores)), 3) if scores else None
+        except (ImportError, FileNotFoundError, ValueError, RuntimeError) as e:
+            out["clip_score_error"] = str(e).splitlines()[0][:200]
+    out["_samples"] = samples
+    return out
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _contact_sheet(samples: list[torch.Tensor], path: Path, kind: str) -> None:
+    """A PNG grid of the first samples (images; for clips every frame of a row)."""
+    from PIL import Image
+
+    rows = []
+    for s in samples[:8]:
+        s = s.clamp(0, 1)
+        if kind == "image":
+            rows.append(s)  # [3, H, W]
+        else:
+            rows.append(torch.cat(list(s), dim=2))  # [3, H, F*W]
+    grid = torch.cat(rows, dim=2 if kind == "image" else 1)  # [3, H', W']
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def build(kind: str, out: str | Path, recipe: Recipe, *, seed: int = 0, command: str = "", card: bool = True) -> dict[str, Any]:
+    """Build, pretrain, save and evaluate one embedded flow model; returns the build record."""
+    out = Path(out)
+    t0 = time.time()
+    pipe = build_pipeline(kind, seed, recipe.width)
+    print(f"[build {kind}] transformer {sum(p.numel() for p in pipe.transformer.parameters()):,} params, "
+          f"vae {sum(p.numel() for p in pipe.vae.parameters()):,} params", flush=True)
+    pixels, captions = scenes(kind, recipe.num_scenes)
+    pixels = pixels * recipe.pixel_scale
+    vae_err = train_vae(pipe, kind, pixels, recipe, seed)
+    t_vae = time.time() - t0
+    latents = encode_latents(pipe, kind, pixels)
+    del pixels
+    loss = train_transformer(pipe, kind, latents, captions, recipe, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    wall = time.time() - t0
+    print(f"[build {kind}] saved to {out} in {wall:.0f} s; evaluating", flush=True)
+    result = evaluate(out, kind, num_prompts=recipe.eval_prompts, eval_steps=recipe.eval_steps,
+                      guidance_scale=recipe.guidance_scale)
+    samples = result.pop("_samples")
+    record = {
+        "kind": kind, "seed": seed, "command": command, "build_seconds": round(wall, 1),
+        "vae_seconds": round(t_vae, 1), "vae_l1": round(vae_err, 4), "flow_loss": round(loss, 4),
+        "size_bytes": _dir_size(out), "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
+        "vae_params": sum(p.numel() for p in pipe.vae.parameters()), "recipe": asdict(recipe), "baseline": result,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+    }
+    (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    _contact_sheet(samples, out / "samples.png", kind)
+    if card:
+        (out / "MODEL_CARD.md").write_text(model_card(record))
+    print(f"[build {kind}] {json.dumps(result)}", flush=True)
+    return record
+
+
+def model_card(record: dict[str, Any]) -> str:
+    kind = record["kind"]
+    b, r = record["baseline"], record["recipe"]
+    pipeline = "StableDiffusion3Pipeline" if kind == "image" else "WanPipeline"
+    media = "32x32 RGB images" if kind == "image" else f"{VIDEO_FRAMES}-frame 32x32 RGB clips ({VIDEO_FRAMES} latent frames)"
+    clip = b.get("clip_score")
+    clip_line = f"{clip}" if clip is not None else f"not measured ({b.get('clip_score_error', 'embedded CLIP missing')})"
+    return f"""# Embedded {kind} model: tiny {pipeline} pretrained on the mini-world
+
+Built by `{record['command']}` (seed {record['seed']}) with `mmgrpo/build/flow_pretrain.py`;
+the build is deterministic given the seed on one machine and thread count.
+
+- What: a real diffusers `{pipeline}` ({media}) assembled from tiny configs: transformer
+  {record['transformer_params']:,} parameters, VAE {record['vae_params']:,} parameters, random frozen
+  text encoder(s) with a whole-word tokenizer for the mini-world vocabulary (max 16 tokens).
+- How: (1) VAE reconstruction training ({r['vae_steps']} steps, batch {r['vae_batch']}; final L1
+  {record['vae_l1']} on a [-1, 1] scale), (2) rectified-flow training of the transformer on
+  {r['num_scenes']} training scenes with their captions ({r['steps']} steps, batch {r['batch']}, lr {r['lr']},
+  logit-normal sigmas, {int(r['caption_dropout'] * 100)}% caption dropout for CFG; final loss {record['flow_loss']}).
+  Stopped early on purpose: samples are decent but imperfect so that GRPO has room.
+- Size: {record['size_bytes'] / 1e6:.2f} MB (safetensors, `save_pretrained`).
+- Build wall time: {record['build_seconds']:.0f} s on a shared 2-core CPU ({record['torch_threads']} torch threads,
+  other jobs running), of which VAE {record['vae_seconds']:.0f} s.
+- Baseline on {b['num_prompts']} held-out mini-world prompts (seed {b['eval_seed']}, {b['eval_steps']} ODE steps,
+  guidance {b['guidance_scale']}): scene score {b['scene/score']} (color {b['scene/color']}, shape {b['scene/shape']},
+  count {b['scene/count']}, position {b['scene/position']}, motion {b['scene/motion']}); CLIPScore {clip_line}.
+  `samples.png` shows the first of these samples.
+- Load: `diffusers.DiffusionPipeline.from_pretrained(path)`, or `mmgrpo train --modality {kind}`
+  (configs/{kind}.yaml names it `asset:{kind}`).
+
+## GRPO on this model
+Not part of the build: run `mmgrpo train --modality {kind} --out DIR` and read DIR/eval.json
+(the shipped card records the measured before/after numbers here).
+"""
+
+
+def main(kind: str, full: Recipe, quick: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m mmgrpo.build.{kind}", description=f"Build the embedded {kind} model.")
+    parser.add_argument("--out", default=None, help=f"output folder (default: the package's assets/{kind})")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: the models are tiny; extra threads mostly wait on a shared machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.out is None:
+        from mmgrpo import assets
+
+        args.out = str(Path(assets.__file__).parent / kind)
+    recipe = quick if args.quick else full
+    command = f"python -m mmgrpo.build.{kind}" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
+    return build(kind, args.out, recipe, seed=args.seed, command=command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run python -m mmgrpo.build.image or python -m mmgrpo.build.video")

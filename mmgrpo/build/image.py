@@ -1,0 +1,19 @@
+"""Build the embedded text-to-image model (assets/image/): a tiny SD3 pipeline on the mini-world.
+
+    python -m mmgrpo.build.image                   # the shipped asset (minutes on 2 CPU cores)
+    python -m mmgrpo.build.image --quick --out DIR # a smoke build in seconds (what the tests run)
+
+See mmgrpo/build/flow_pretrain.py for the models and the two training stages.
+"""
+
+from __future__ import annotations
+
+from mmgrpo.build.flow_pretrain import Recipe, main
+
+FULL = Recipe(kind="image", num_scenes=4096, vae_steps=150, vae_batch=8, vae_lr=3e-3, steps=800, batch=32, lr=1e-3,
+              eval_prompts=64, eval_steps=20, guidance_scale=1.0, width={"dim": 64, "layers": 3, "heads": 4, "vae": 16})
+QUICK = Recipe(kind="image", num_scenes=64, vae_steps=3, vae_batch=8, steps=3, batch=8, eval_prompts=4,
+               eval_steps=4, guidance_scale=1.0, width={"dim": 32, "layers": 1, "heads": 2, "vae": 16})
+
+if __name__ == "__main__":
+    main("image", FULL, QUICK)
