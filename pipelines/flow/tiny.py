@@ -133,15 +133,31 @@ def _eval(*modules: Any) -> None:
             m.eval()
 
 
+
+def _tiny_vae(latent_channels: int):
+    """A one-level AutoencoderKL (no downsampling) with `latent_channels` channels (SD3: 4, FLUX: 1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
 def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
     """A StableDiffusion3Pipeline with 1-layer SD3 transformer, 1-level VAE (8x8 latents for
     8x8 images, 16x16 for 16x16), two tiny CLIPs and (optionally) a tiny T5 encoder."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
@@ -164,21 +180,7 @@ def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
             out_channels=4,
             pos_embed_max_size=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",),
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            sample_size=16,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(latent_channels=4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     _eval(te1, te2, te3, transformer, vae)
     return StableDiffusion3Pipeline(
@@ -197,7 +199,7 @@ def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
 def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
     """A FluxPipeline with a 1+1-layer FLUX transformer, 1-level VAE (1 latent channel,
     packed 2x2 -> 4 channels), a tiny CLIP and a tiny T5 encoder."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
@@ -217,21 +219,7 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",),
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=1,
-            norm_num_groups=1,
-            sample_size=16,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(latent_channels=1)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
         max_image_seq_len=256,
