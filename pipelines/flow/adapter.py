@@ -303,7 +303,7 @@ class FlowAdapter:
             from diffusers import DiffusionPipeline
 
             dtype = getattr(torch, torch_dtype) if torch_dtype else None
-            pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+            pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype)
         self.pipe = pipeline
         self.family, glue_cls = _family(pipeline)
         if device is not None:
