@@ -56,6 +56,18 @@ LOSSES = {
 }
 
 
+# The pip extra that brings each built-in's optional dependencies.
+EXTRAS = {"vlm": "vlm", "flow": "video", "scene": "image", "clip_score": "image", "iou": "vlm"}
+
+
+def missing_dependency(kind: str, name: str, error: ModuleNotFoundError) -> ConfigError:
+    """One readable error for an optional package that is not installed."""
+    extra = EXTRAS.get(name, "dev")
+    return ConfigError(
+        f"{kind} '{name}' needs the package '{error.name}', which is not installed: pip install 'mmgrpo[{extra}]'"
+    )
+
+
 ASSET_PREFIX = "asset:"
 
 

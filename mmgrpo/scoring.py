@@ -11,21 +11,24 @@ import torch
 
 from mmgrpo.config import ConfigError, RewardConfig
 from mmgrpo.data import prompt_meta
-from mmgrpo.registry import REWARDS, expand_assets, resolve
+from mmgrpo.registry import REWARDS, expand_assets, missing_dependency, resolve
 
 
 def build_rewards(configs: Sequence[RewardConfig]) -> dict[str, Callable]:
     """name -> callable for each reward in the config (classes are instantiated with kwargs)."""
     out: dict[str, Callable] = {}
     for cfg in configs:
-        obj = resolve(cfg.name, REWARDS, "reward")
-        kwargs = expand_assets(cfg.kwargs)
-        if inspect.isclass(obj):
-            fn = obj(**kwargs)
-        elif kwargs:
-            fn = functools.partial(obj, **kwargs)
-        else:
-            fn = obj
+        try:
+            obj = resolve(cfg.name, REWARDS, "reward")
+            kwargs = expand_assets(cfg.kwargs)
+            if inspect.isclass(obj):
+                fn = obj(**kwargs)
+            elif kwargs:
+                fn = functools.partial(obj, **kwargs)
+            else:
+                fn = obj
+        except ModuleNotFoundError as e:
+            raise missing_dependency("reward", cfg.name, e) from None
         key = reward_key(cfg.name)
         if key in out:
             raise ConfigError(f"reward '{key}' is listed twice in rewards: give each reward once")

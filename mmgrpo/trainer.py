@@ -32,7 +32,7 @@ from mmgrpo.data import PromptOrder, load_prompts, prompt_text
 from mmgrpo.distributed import Collective, batched_runs, local_runs
 from mmgrpo.losses import aggregation_weights, gaussian_kl, kl_penalty, policy_loss
 from mmgrpo.protocols import StepScores
-from mmgrpo.registry import ADAPTERS, expand_assets, resolve
+from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
 from mmgrpo.rollout import Rollout
 from mmgrpo.scoring import build_rewards, reward_key, score_rollout
 
@@ -586,9 +586,11 @@ def _resume(run, params, optimizer, scheduler, ema, order, generator, adapter, c
 
 
 def build_adapter(cfg: Config) -> Any:
-    cls = resolve(cfg.pipeline.name, ADAPTERS, "pipeline")
     try:
+        cls = resolve(cfg.pipeline.name, ADAPTERS, "pipeline")
         return cls(**expand_assets(cfg.pipeline.kwargs))
+    except ModuleNotFoundError as e:
+        raise missing_dependency("pipeline", cfg.pipeline.name, e) from None
     except TypeError as e:
         raise ConfigError(f"pipeline '{cfg.pipeline.name}': bad pipeline.kwargs ({e})") from None
 

@@ -97,3 +97,14 @@ def test_asset_paths_expand_to_the_installed_assets_folder():
         root.rmdir()
     with pytest.raises(ConfigError, match="embedded asset 'nothing_here' is missing"):
         expand_assets("asset:nothing_here")
+
+
+def test_missing_optional_package_names_the_extra(tmp_path):
+    from mmgrpo.trainer import train
+
+    adapter_file = tmp_path / "needs_pkg.py"
+    adapter_file.write_text(
+        "class NeedsPackage:\n    def __init__(self):\n        import package_that_is_not_installed  # noqa: F401\n"
+    )
+    with pytest.raises(ConfigError, match=r"needs the package 'package_that_is_not_installed'.*pip install 'mmgrpo\[dev\]'"):
+        train({"pipeline": {"name": f"{adapter_file}:NeedsPackage"}}, out=tmp_path / "run", progress=False)
