@@ -224,10 +224,11 @@ def collect_rollout(
         t_sample += t1 - t0
         t_reward += time.perf_counter() - t1
         owner = torch.arange(comm.world_size).repeat_interleave(len(local))  # [N] process of each row
-        zero_std = zero_std_groups(weighted_sum(all_rewards, weights), all_groups)  # [groups], sorted ids
+        total = weighted_sum(all_rewards, weights)  # [N]
+        zero_std = zero_std_groups(total, all_groups)  # [groups], sorted ids
         informative = torch.unique(all_groups)[~zero_std]  # group ids
         if r == 0:
-            stats = _reward_stats(all_rewards, all_subs, weights, list(reward_fns), zero_std)
+            stats = _reward_stats(all_rewards, total, all_subs, list(reward_fns), zero_std)
         local_parts.append(local)
         global_rewards.append(all_rewards)
         global_groups.append(all_groups)
@@ -270,9 +271,8 @@ def collect_rollout(
 
 
 def _reward_stats(
-    rewards: torch.Tensor, subs: dict[str, torch.Tensor], weights: torch.Tensor, names: list[str], zero_std: torch.Tensor
+    rewards: torch.Tensor, total: torch.Tensor, subs: dict[str, torch.Tensor], names: list[str], zero_std: torch.Tensor
 ) -> dict[str, Any]:
-    total = weighted_sum(rewards, weights)  # [N]
     stats = {
         "reward/mean": _nanmean(total),
         "reward/std": _nanstd(total),
