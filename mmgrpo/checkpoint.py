@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -76,7 +76,7 @@ def publish(root: Path, step: int, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(stage, final)
-    _atomic_write_text(root / LATEST, final.name + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -493,7 +493,7 @@ class RunDir:
         if self.comm.is_main:
             data = self.read_eval()
             data[tag] = result
-            checkpoint._atomic_write_text(self.eval_path, json.dumps(data, indent=2) + "\n")
+            checkpoint.atomic_write_text(self.eval_path, json.dumps(data, indent=2) + "\n")
 
     def write_gallery(self, adapter: Any, rollout: Rollout, tag: str, count: int) -> None:
         """samples/<tag>.jsonl (prompt, sample or exported file, rewards) + exported files."""
@@ -549,7 +549,7 @@ class RunDir:
             before, after = ev["before"][key], ev["after"][key]
             rel = (after - before) / abs(before) if before else math.inf
             ev["primary"] = {"reward": primary, "before": before, "after": after, "relative_gain": rel}
-            checkpoint._atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
+            checkpoint.atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
             print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}); run saved in {self.path}")
 
 
