@@ -1,8 +1,9 @@
 """Rule reward for mini-world images and clips, GenEval-style: reads the prompt's exact ground truth.
 
 Sub-scores, each in [0, 1], None where they do not apply to the prompt:
-- color:    fraction of stated objects whose matched detection has the stated colour
-- shape:    fraction of stated objects whose matched detection has the stated shape
+- color:    stated objects whose matched detection has the stated colour, divided by
+            max(stated, detected) objects: extra detections dilute it
+- shape:    the same for the stated shape
 - count:    1 - min(1, |detected - stated| / stated) (all objects in the image count: the
             mini-world caption names every object)
 - position: relation prompts: 1 if the matched objects' centroids satisfy it (offset on the
@@ -86,8 +87,11 @@ class SceneReward:
         color, shape, count, position = [], [], [], []
         for detected in per_frame:
             match = _match(expected, detected[:_MAX_DETECTIONS])
-            color.append(np.mean([m is not None and m["color"] == e["color"] for e, m in zip(expected, match)]))
-            shape.append(np.mean([m is not None and m["shape"] == e["shape"] for e, m in zip(expected, match)]))
+            # hits over max(stated, detected): extra objects dilute colour and shape, so scattering
+            # fragments cannot buy matches (each extra detection is one more chance of a hit)
+            n = max(len(expected), len(detected))
+            color.append(sum(m is not None and m["color"] == e["color"] for e, m in zip(expected, match)) / n)
+            shape.append(sum(m is not None and m["shape"] == e["shape"] for e, m in zip(expected, match)) / n)
             count.append(max(0.0, 1.0 - abs(len(detected) - len(expected)) / len(expected)))
             if truth["relation"] is not None:
                 position.append(_relation_holds(match[0], match[1], truth["relation"]))

@@ -92,8 +92,9 @@ def test_wrong_count():
     fewer = {**scene, "objects": scene["objects"][:2]}  # the prompt says two, the image has three
     fewer["caption"] = mw.caption(fewer)
     assert fewer["caption"].startswith("two ")
-    got = row(reward([mw.render(scene)], [fewer]))
-    assert got == {"score": pytest.approx(5 / 6), "color": 1.0, "shape": 1.0, "count": 0.5, "position": None, "motion": None}
+    got = row(reward([mw.render(scene)], [fewer]))  # the extra object dilutes colour and shape: 2 hits / 3 objects
+    assert got == {"score": pytest.approx(11 / 18), "color": pytest.approx(2 / 3), "shape": pytest.approx(2 / 3),
+                   "count": 0.5, "position": None, "motion": None}
     got = row(reward([mw.render(fewer)], [scene]))  # the prompt says three, the image has two
     assert got["count"] == pytest.approx(2 / 3) and got["color"] == pytest.approx(2 / 3) and got["score"] == pytest.approx(2 / 3)
 
