@@ -8,8 +8,8 @@ REAL diffusers / transformers classes with tiny configs, then trained in two sta
    VAE weights object pixels 10x, since objects cover ~10% of a black frame and an all-black
    decoder is a strong trap, and trains on pixels in [-0.9, 0.9] because its decoder clamps
    its output to [-1, 1], which stops gradients once it undershoots). It is
-   shallow. SD3: one level, no downsampling, no mid-block attention (32x32x3 pixels -> 32x32x4
-   latents; the transformer patchifies 4x4). Wan: one 2x spatial downsample (-> 16x16x4, so
+   shallow. SD3: two levels, one 2x downsample, no mid-block attention (32x32x3 pixels -> 16x16x4
+   latents; the transformer patchifies 2x2, 64 tokens). Wan: one 2x spatial downsample (-> 16x16x4, so
    its mid-block attention is cheap; the transformer patchifies 1x4x4), and it does not
    compress time (Wan 2.1 compresses it 4x, 81 -> 21 latent frames; its causal
    scheme still encodes frame 1 alone, then chunks of 4, so clips have 1 + 4k frames):
@@ -93,13 +93,16 @@ def tokenizers(kind: str):
 
 
 def build_image_pipeline(seed: int = 0, width: dict[str, int] | None = None):
-    """A StableDiffusion3Pipeline for 32x32 images: SD3 transformer over 32x32x4 latents in 4x4
-    patches (64 tokens), a one-level AutoencoderKL (no downsampling), two tiny CLIP text encoders and a tiny T5
-    (diffusers cannot reload an SD3 pipeline saved without one)."""
+    """A StableDiffusion3Pipeline for 32x32 images: an AutoencoderKL with `vae_levels` levels (each
+    level past the first halves the resolution: 2 -> 16x16x4 latents), the SD3 transformer over the
+    latents in `patch` x `patch` patches (16x16 in 2x2 -> 64 tokens), two tiny CLIP text encoders and
+    a tiny T5 (diffusers cannot reload an SD3 pipeline saved without one)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    w = {"dim": 64, "layers": 4, "heads": 4, "text": 32, "vae": 32, **(width or {})}
+    w = {"dim": 64, "layers": 4, "heads": 4, "text": 32, "vae": 32, "vae_levels": 1, "patch": 4, **(width or {})}
+    levels = w["vae_levels"]
+    latent_size = 32 // 2 ** (levels - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok1, tok2 = tokenizers("clip"), tokenizers("clip")
@@ -119,14 +122,15 @@ def build_image_pipeline(seed: int = 0, width: dict[str, int] | None = None):
             eos_token_id=tok3.eos_token_id, decoder_start_token_id=tok3.pad_token_id,
         ))
         transformer = SD3Transformer2DModel(
-            sample_size=32, patch_size=4, in_channels=4, out_channels=4, num_layers=w["layers"],
+            sample_size=latent_size, patch_size=w["patch"], in_channels=4, out_channels=4, num_layers=w["layers"],
             attention_head_dim=w["dim"] // w["heads"], num_attention_heads=w["heads"],
             joint_attention_dim=2 * w["text"],  # T5 d_model = the two CLIP hidden states, concatenated
-            caption_projection_dim=w["dim"], pooled_projection_dim=2 * w["text"], pos_embed_max_size=8,
+            caption_projection_dim=w["dim"], pooled_projection_dim=2 * w["text"],
+            pos_embed_max_size=latent_size // w["patch"],
         )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",), block_out_channels=(w["vae"],),
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(w["vae"],) * levels,
             layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
             use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
         )
@@ -144,7 +148,7 @@ def build_video_pipeline(seed: int = 0, width: dict[str, int] | None = None):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    w = {"dim": 64, "layers": 3, "heads": 4, "text": 32, "vae": 16, **(width or {})}
+    w = {"dim": 64, "layers": 3, "heads": 4, "text": 32, "vae": 16, "patch": 4, **(width or {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok = tokenizers("t5")
@@ -154,7 +158,7 @@ def build_video_pipeline(seed: int = 0, width: dict[str, int] | None = None):
             eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
         ))
         transformer = WanTransformer3DModel(
-            patch_size=(1, 4, 4), num_attention_heads=w["heads"], attention_head_dim=w["dim"] // w["heads"],
+            patch_size=(1, w["patch"], w["patch"]), num_attention_heads=w["heads"], attention_head_dim=w["dim"] // w["heads"],
             in_channels=4, out_channels=4, text_dim=w["text"], freq_dim=32, ffn_dim=2 * w["dim"],
             num_layers=w["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         )

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from mmgrpo.build.flow_pretrain import Recipe, main
 
-FULL = Recipe(kind="image", num_scenes=4096, vae_steps=150, vae_batch=8, vae_lr=3e-3, steps=800, batch=32, lr=1e-3,
-              eval_prompts=64, eval_steps=20, guidance_scale=1.0, width={"dim": 64, "layers": 3, "heads": 4, "vae": 16})
+# A 2-level VAE (32x32x3 -> 16x16x4 latents) and 2x2 patches (64 tokens of 16 values): an earlier
+# build without VAE downsampling and 4x4 patches (64 values per token, width 64) sampled speckle.
+FULL = Recipe(kind="image", num_scenes=4096, vae_steps=300, vae_batch=8, vae_lr=3e-3, steps=1500, batch=32, lr=1e-3,
+              eval_prompts=64, eval_steps=20, guidance_scale=1.0,
+              width={"dim": 96, "layers": 4, "heads": 4, "vae": 32, "vae_levels": 2, "patch": 2})
 QUICK = Recipe(kind="image", num_scenes=64, vae_steps=3, vae_batch=8, steps=3, batch=8, eval_prompts=4,
-               eval_steps=4, guidance_scale=1.0, width={"dim": 32, "layers": 1, "heads": 2, "vae": 16})
+               eval_steps=4, guidance_scale=1.0,
+               width={"dim": 32, "layers": 1, "heads": 2, "vae": 16, "vae_levels": 2, "patch": 2})
 
 if __name__ == "__main__":
     main("image", FULL, QUICK)
