@@ -158,7 +158,8 @@ def build_video_pipeline(seed: int = 0, width: dict[str, int] | None = None):
             eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
         ))
         transformer = WanTransformer3DModel(
-            patch_size=(1, w["patch"], w["patch"]), num_attention_heads=w["heads"], attention_head_dim=w["dim"] // w["heads"],
+            patch_size=(1, w["patch"], w["patch"]), num_attention_heads=w["heads"],
+            attention_head_dim=w["dim"] // w["heads"],
             in_channels=4, out_channels=4, text_dim=w["text"], freq_dim=32, ffn_dim=2 * w["dim"],
             num_layers=w["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         )

@@ -133,7 +133,6 @@ def _eval(*modules: Any) -> None:
             m.eval()
 
 
-
 def _tiny_vae(latent_channels: int):
     """A one-level AutoencoderKL (no downsampling) with `latent_channels` channels (SD3: 4, FLUX: 1)."""
     from diffusers import AutoencoderKL
@@ -153,6 +152,7 @@ def _tiny_vae(latent_channels: int):
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
+
 
 def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
     """A StableDiffusion3Pipeline with 1-layer SD3 transformer, 1-level VAE (8x8 latents for
