@@ -1,4 +1,5 @@
-"""Running reward callables over a rollout: validation, sub-scores, NaN for unscored rows."""
+"""Running reward callables over a rollout: validation, sub-scores, NaN for unscored rows; the paired
+before/after comparison of held-out evaluations."""
 
 from __future__ import annotations
 
@@ -88,3 +89,34 @@ def _as_tensor(values: Any, n: int, name: str) -> torch.Tensor:
         except (TypeError, ValueError):
             raise ValueError(f"reward '{name}' returned a non-number score {v!r}") from None
     return torch.tensor(out, dtype=torch.float32)  # [N]
+
+
+def paired_gain(before: Sequence[float | None], after: Sequence[float | None]) -> dict[str, Any]:
+    """Change of a held-out reward between two evaluations of the same prompts and seeds.
+
+    Pairs sample i of `before` with sample i of `after` (the evaluation replays the same prompts
+    and initial noise) and drops pairs where either side is None or NaN. Returns {"n",
+    "mean_diff", "stderr", "ci95": [lo, hi]} for the mean paired difference (normal
+    approximation: mean +- 1.96 * sd / sqrt(n), sd with Bessel's correction), and
+    "relative_ci95": the same interval divided by |mean before| (None when that is 0).
+    Pairing removes the prompt-to-prompt spread, so the interval says whether a gain is more
+    than evaluation noise. stderr and the intervals are None with fewer than two pairs.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_gain: {len(before)} samples before but {len(after)} after; evaluate the same prompts")
+    pairs = [(float(b), float(a)) for b, a in zip(before, after)
+             if b is not None and a is not None and not math.isnan(float(b)) and not math.isnan(float(a))]
+    n = len(pairs)
+    out: dict[str, Any] = {"n": n, "mean_diff": None, "stderr": None, "ci95": None, "relative_ci95": None}
+    if n == 0:
+        return out
+    diffs = [a - b for b, a in pairs]
+    mean = sum(diffs) / n
+    out["mean_diff"] = mean
+    if n < 2:
+        return out
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    lo, hi = mean - 1.96 * stderr, mean + 1.96 * stderr
+    base = abs(sum(b for b, _ in pairs) / n)
+    out.update(stderr=stderr, ci95=[lo, hi], relative_ci95=[lo / base, hi / base] if base else None)
+    return out

@@ -34,7 +34,7 @@ from mmgrpo.losses import aggregation_weights, gaussian_kl, kl_penalty, policy_l
 from mmgrpo.protocols import StepScores
 from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
 from mmgrpo.rollout import Rollout
-from mmgrpo.scoring import build_rewards, reward_key, score_rollout
+from mmgrpo.scoring import build_rewards, paired_gain, reward_key, score_rollout
 
 TIME_KEYS = ("time/sample", "time/reward", "time/train", "time/step")
 
@@ -437,6 +437,10 @@ def evaluate(
             result[f"reward/{name}/mean"] = _nanmean(components[:, k])
         for name, values in subs.items():
             result[f"reward/{name}/mean"] = _nanmean(values)
+        # each reward per sample (None: unscored), so finish() can pair the before and after evaluations
+        result["per_sample"] = {
+            name: [None if math.isnan(x) else x for x in components[:, k].tolist()] for k, name in enumerate(reward_fns)
+        }
         rollout.rewards = {name: components[:, k] for k, name in enumerate(reward_fns)}
         if run is not None:
             run.write_gallery(adapter, rollout, tag, cfg.eval.gallery)
@@ -549,8 +553,12 @@ class RunDir:
             before, after = ev["before"][key], ev["after"][key]
             rel = (after - before) / abs(before) if before else math.inf
             ev["primary"] = {"reward": primary, "before": before, "after": after, "relative_gain": rel}
+            paired = paired_gain(*(ev[tag].get("per_sample", {}).get(primary, []) for tag in ("before", "after")))
+            ev["primary"]["paired"] = paired
             checkpoint.atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
-            print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}); run saved in {self.path}")
+            ci = paired["relative_ci95"]
+            ci_text = f", 95% CI {ci[0]:+.1%} to {ci[1]:+.1%} over {paired['n']} paired samples" if ci else ""
+            print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}{ci_text}); run saved in {self.path}")
 
 
 def _resume(run, params, optimizer, scheduler, ema, order, generator, adapter, comm) -> int:

@@ -41,6 +41,11 @@ def test_run_directory_layout(tmp_path):
     assert required <= set(metrics[0])
     ev = json.loads((out / "eval.json").read_text())
     assert {"before", "after", "primary"} <= set(ev) and ev["primary"]["reward"] == "sequence_match"
+    before, after = (ev[tag]["per_sample"]["sequence_match"] for tag in ("before", "after"))
+    n = ev["before"]["num_samples"]
+    assert len(before) == len(after) == n and sum(before) / n == pytest.approx(ev["before"]["reward/sequence_match/mean"])
+    assert ev["primary"]["paired"]["n"] == n
+    assert ev["primary"]["paired"]["mean_diff"] == pytest.approx(ev["primary"]["after"] - ev["primary"]["before"])
     assert (out / "samples" / "before.jsonl").is_file() and (out / "samples" / "after.jsonl").is_file()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_000002", "step_000004"]
