@@ -553,10 +553,12 @@ class RunDir:
             before, after = ev["before"][key], ev["after"][key]
             rel = (after - before) / abs(before) if before else math.inf
             ev["primary"] = {"reward": primary, "before": before, "after": after, "relative_gain": rel}
-            paired = paired_gain(*(ev[tag].get("per_sample", {}).get(primary, []) for tag in ("before", "after")))
+            samples = [ev[tag].get("per_sample", {}).get(primary) for tag in ("before", "after")]
+            # pairing needs both evaluations per sample (a run resumed from an older version has none for "before")
+            paired = paired_gain(*samples) if all(samples) and len(samples[0]) == len(samples[1]) else None
             ev["primary"]["paired"] = paired
             checkpoint.atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
-            ci = paired["relative_ci95"]
+            ci = paired["relative_ci95"] if paired else None
             ci_text = f", 95% CI {ci[0]:+.1%} to {ci[1]:+.1%} over {paired['n']} paired samples" if ci else ""
             print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}{ci_text}); run saved in {self.path}")
 

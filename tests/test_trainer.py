@@ -227,3 +227,18 @@ def test_two_runs_in_one_process_with_different_precision(tmp_path):
                 progress=False)
     assert one.metrics[0]["ratio/mean"] == 1.0
     assert two.metrics[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-2)  # bf16 sampling and scoring agree
+
+
+def test_finish_without_per_sample_values_skips_the_interval(tmp_path):
+    """A run resumed from a version that did not store per-sample rewards still finishes."""
+    from types import SimpleNamespace
+
+    from mmgrpo.trainer import RunDir
+
+    run = RunDir(tmp_path, SimpleNamespace(is_main=True))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    run.write_eval("before", {"reward/r/mean": 0.5})
+    run.write_eval("after", {"reward/r/mean": 0.6, "per_sample": {"r": [0.6, 0.6]}})
+    run.finish("r")
+    primary = json.loads((tmp_path / "eval.json").read_text())["primary"]
+    assert primary["relative_gain"] == pytest.approx(0.2) and primary["paired"] is None
