@@ -437,11 +437,11 @@ def evaluate(
             result[f"reward/{name}/mean"] = _nanmean(components[:, k])
         for name, values in subs.items():
             result[f"reward/{name}/mean"] = _nanmean(values)
+        rollout.rewards = {name: components[:, k] for k, name in enumerate(reward_fns)}
         # each reward per sample (None: unscored), so finish() can pair the before and after evaluations
         result["per_sample"] = {
-            name: [None if math.isnan(x) else x for x in components[:, k].tolist()] for k, name in enumerate(reward_fns)
+            name: [None if math.isnan(x) else x for x in values.tolist()] for name, values in rollout.rewards.items()
         }
-        rollout.rewards = {name: components[:, k] for k, name in enumerate(reward_fns)}
         if run is not None:
             run.write_gallery(adapter, rollout, tag, cfg.eval.gallery)
     comm.barrier()
@@ -554,7 +554,8 @@ class RunDir:
             rel = (after - before) / abs(before) if before else math.inf
             ev["primary"] = {"reward": primary, "before": before, "after": after, "relative_gain": rel}
             samples = [ev[tag].get("per_sample", {}).get(primary) for tag in ("before", "after")]
-            # pairing needs both evaluations per sample (a run resumed from an older version has none for "before")
+            # pairing needs both evaluations per sample, of the same length (a run resumed from an older
+            # version has none for "before"; one resumed with another eval.num_prompts has other lengths)
             paired = paired_gain(*samples) if all(samples) and len(samples[0]) == len(samples[1]) else None
             ev["primary"]["paired"] = paired
             checkpoint.atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
