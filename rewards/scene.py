@@ -6,6 +6,10 @@ Sub-scores, each in [0, 1], None where they do not apply to the prompt:
 - shape:    the same for the stated shape
 - count:    1 - min(1, |detected - stated| / stated) (all objects in the image count: the
             mini-world caption names every object)
+Components larger than `max_area` of the frame (the mini-world's largest object covers 0.19) are
+not objects: a frame flooded with one colour is not a scene. They match nothing, still dilute
+colour and shape, and are not counted, so a flooded frame scores 0 like a blank one (GRPO on
+the video default found that one green frame earned a perfect count without this rule).
 - position: relation prompts: 1 if the matched objects' centroids satisfy it (offset on the
             named axis positive and larger than the offset on the other axis), else 0
 - motion:   video prompts: 1 if the track of the stated object moves the stated way, else 0
@@ -46,11 +50,14 @@ class SceneReward:
 
     __name__ = "scene"
 
-    def __init__(self, mode: str = "mean", min_area: float = 0.008, min_travel: float = 0.06):
+    def __init__(self, mode: str = "mean", min_area: float = 0.008, max_area: float = 0.3, min_travel: float = 0.06):
         if mode not in ("mean", "all"):
             raise ValueError(f"SceneReward: mode must be 'mean' or 'all', got {mode!r}")
+        if not 0.0 <= min_area < max_area <= 1.0:
+            raise ValueError(f"SceneReward: need 0 <= min_area < max_area <= 1, got {min_area} and {max_area}")
         self.mode = mode
         self.min_area = min_area  # smallest object, as a fraction of the image area
+        self.max_area = max_area  # largest object (larger components are colour floods, not objects)
         self.min_travel = min_travel  # smallest motion over a clip, as a fraction of the width
 
     def __call__(self, samples: Sequence[Any], prompts: Sequence[Any], **meta: Any) -> dict[str, list[float | None]]:
@@ -84,15 +91,18 @@ class SceneReward:
             per_frame = clip["frames"]
         else:
             per_frame = [miniworld.analyse(frames[0], self.min_area)]
+        largest = self.max_area * frames.shape[1] * frames.shape[2]  # pixels
         color, shape, count, position = [], [], [], []
         for detected in per_frame:
-            match = _match(expected, detected[:_MAX_DETECTIONS])
-            # hits over max(stated, detected): extra objects dilute colour and shape, so scattering
-            # fragments cannot buy matches (each extra detection is one more chance of a hit)
-            n = max(len(expected), len(detected))
+            objects = [d for d in detected if d["area"] <= largest]
+            floods = len(detected) - len(objects)
+            match = _match(expected, objects[:_MAX_DETECTIONS])
+            # hits over max(stated, detected): extra objects (and floods) dilute colour and shape, so
+            # scattering fragments cannot buy matches (each extra detection is one more chance of a hit)
+            n = max(len(expected), len(objects) + floods)
             color.append(sum(m is not None and m["color"] == e["color"] for e, m in zip(expected, match)) / n)
             shape.append(sum(m is not None and m["shape"] == e["shape"] for e, m in zip(expected, match)) / n)
-            count.append(max(0.0, 1.0 - abs(len(detected) - len(expected)) / len(expected)))
+            count.append(max(0.0, 1.0 - abs(len(objects) - len(expected)) / len(expected)))
             if truth["relation"] is not None:
                 position.append(_relation_holds(match[0], match[1], truth["relation"]))
         subs: dict[str, float | None] = {

@@ -138,6 +138,35 @@ def test_blank_image_scores_zero():
     assert reward([torch.zeros(8, 3, 32, 32)], [clip])["score"] == [0.0]
 
 
+def test_colour_floods_are_not_objects():
+    # one colour over the whole frame: no object, no background; it scores like a blank frame
+    items = [mw.make_scene(0, "image", layout=lay) for lay in ("single", "count", "relation")]
+    green = torch.zeros(3, 32, 32)
+    green[1] = 1.0
+    assert reward([green] * 3, items)["score"] == [0.0, 0.0, 0.0]
+    clip = mw.make_scene(0, "video")
+    flooded = torch.zeros(8, 3, 32, 32)
+    flooded[:, 1] = 1.0
+    assert row(reward([flooded], [clip])) == {
+        "score": 0.0, "color": 0.0, "shape": 0.0, "count": 0.0, "position": None, "motion": 0.0
+    }
+    # the right object beside a flood (a 64x20 band: 31% of the frame, above max_area 0.3): the
+    # flood dilutes colour and shape (1 hit of 2 detections) but is not counted
+    scene = {"objects": [{"color": "red", "shape": "square", "center": [0.25, 0.2], "size": 0.25}],
+             "relation": None, "motion": None}
+    img = mw.render(scene, size=64)
+    img[44:, :] = mw.PALETTE["green"]
+    assert row(reward([img], [scene])) == {
+        "score": 2 / 3, "color": 0.5, "shape": 0.5, "count": 1.0, "position": None, "motion": None
+    }
+    # the same band at 0.29 of the frame is an object: a second, unstated one
+    img[44:46, :] = 0
+    assert row(reward([img], [scene]))["count"] == 0.0
+    assert row(SceneReward(max_area=0.25)([img], [scene]))["count"] == 1.0
+    with pytest.raises(ValueError, match="max_area"):
+        SceneReward(min_area=0.5, max_area=0.3)
+
+
 def test_strict_mode():
     scene = mw.make_scene(0, "image", layout="single")
     wrong = recolor(scene, 0, next(c for c in mw.COLORS if c != scene["objects"][0]["color"]))
