@@ -6,13 +6,13 @@ Sub-scores, each in [0, 1], None where they do not apply to the prompt:
 - shape:    the same for the stated shape
 - count:    1 - min(1, |detected - stated| / stated) (all objects in the image count: the
             mini-world caption names every object)
+- position: relation prompts: 1 if the matched objects' centroids satisfy it (offset on the
+            named axis positive and larger than the offset on the other axis), else 0
+- motion:   video prompts: 1 if the track of the stated object moves the stated way, else 0
 Components larger than `max_area` of the frame (the mini-world's largest object covers 0.19) are
 not objects: a frame flooded with one colour is not a scene. They match nothing, still dilute
 colour and shape, and are not counted, so a flooded frame scores 0 like a blank one (GRPO on
 the video default found that one green frame earned a perfect count without this rule).
-- position: relation prompts: 1 if the matched objects' centroids satisfy it (offset on the
-            named axis positive and larger than the offset on the other axis), else 0
-- motion:   video prompts: 1 if the track of the stated object moves the stated way, else 0
 Stated objects are matched to detections one-to-one, maximising shape matches plus colour
 matches (shape wins ties, as GenEval detects the object class first). For clips, color, shape
 and count are averaged over frames.
@@ -94,12 +94,11 @@ class SceneReward:
         largest = self.max_area * frames.shape[1] * frames.shape[2]  # pixels
         color, shape, count, position = [], [], [], []
         for detected in per_frame:
-            objects = [d for d in detected if d["area"] <= largest]
-            floods = len(detected) - len(objects)
+            objects = [d for d in detected if d["area"] <= largest]  # floods removed
             match = _match(expected, objects[:_MAX_DETECTIONS])
-            # hits over max(stated, detected): extra objects (and floods) dilute colour and shape, so
+            # hits over max(stated, detected): extra objects and floods dilute colour and shape, so
             # scattering fragments cannot buy matches (each extra detection is one more chance of a hit)
-            n = max(len(expected), len(objects) + floods)
+            n = max(len(expected), len(detected))
             color.append(sum(m is not None and m["color"] == e["color"] for e, m in zip(expected, match)) / n)
             shape.append(sum(m is not None and m["shape"] == e["shape"] for e, m in zip(expected, match)) / n)
             count.append(max(0.0, 1.0 - abs(len(objects) - len(expected)) / len(expected)))

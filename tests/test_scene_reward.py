@@ -159,7 +159,7 @@ def test_colour_floods_are_not_objects():
     assert row(reward([img], [scene])) == {
         "score": 2 / 3, "color": 0.5, "shape": 0.5, "count": 1.0, "position": None, "motion": None
     }
-    # the same band at 0.29 of the frame is an object: a second, unstated one
+    # the same band cut to 64x18 (0.28 of the frame) is an object: a second, unstated one
     img[44:46, :] = 0
     assert row(reward([img], [scene]))["count"] == 0.0
     assert row(SceneReward(max_area=0.25)([img], [scene]))["count"] == 1.0
