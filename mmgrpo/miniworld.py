@@ -526,27 +526,29 @@ def motion_direction(positions: list[list[float] | None], min_travel: float) -> 
     return "down" if travel[1] > 0 else "up"
 
 
-def analyse_clip(clip: Any, min_area: float = 0.008, min_travel: float = 0.06) -> dict[str, Any]:
+def analyse_clip(clip: Any, min_area: float = 0.008, min_travel: float = 0.06, max_area: float = 1.0) -> dict[str, Any]:
     """Objects per frame and centroid tracks of a clip (uint8 [F, H, W, 3] or torch [F, 3, H, W]).
 
     Returns {"frames": [analyse(frame) for each frame], "tracks": [{"color", "shape",
     "positions": [[x, y] | None per frame], "motion": direction | None}]}. Tracks start from
     the first frame with objects and follow the nearest same-colour object in each frame;
     the shape is the majority over frames. `min_travel` is a fraction of the image width.
+    Components larger than `max_area` of the frame stay in "frames" but are not tracked.
     """
     frames_u8 = to_uint8_image(clip)  # [F, H, W, 3]
     if frames_u8.ndim != 4:
         raise ValueError(f"analyse_clip: expected a clip [F, H, W, 3], got shape {frames_u8.shape}")
-    n, _, w = frames_u8.shape[:3]
+    n, h, w = frames_u8.shape[:3]
     per_frame = [analyse(f, min_area) for f in frames_u8]
-    start = next((i for i, f in enumerate(per_frame) if f), n)
+    trackable = [[o for o in f if o["area"] <= max_area * h * w] for f in per_frame]
+    start = next((i for i, f in enumerate(trackable) if f), n)
     tracks = []
-    for first in per_frame[start] if start < n else []:
+    for first in trackable[start] if start < n else []:
         positions: list[list[float] | None] = [None] * n
         positions[start] = first["centroid"]
         tracks.append({"color": first["color"], "positions": positions, "shapes": [first["shape"]]})
     for i in range(start + 1, n):
-        free = list(per_frame[i])
+        free = list(trackable[i])
         for tr in tracks:
             last = next(p for p in reversed(tr["positions"][:i]) if p is not None)
             dist = {id(o): np.hypot(o["centroid"][0] - last[0], o["centroid"][1] - last[1]) for o in free}

@@ -11,8 +11,9 @@ Sub-scores, each in [0, 1], None where they do not apply to the prompt:
 - motion:   video prompts: 1 if the track of the stated object moves the stated way, else 0
 Components larger than `max_area` of the frame (the mini-world's largest object covers 0.19) are
 not objects: a frame flooded with one colour is not a scene. They match nothing, still dilute
-colour and shape, and are not counted, so a flooded frame scores 0 like a blank one (GRPO on
-the video default found that one green frame earned a perfect count without this rule).
+colour and shape, are not counted and are not tracked for motion, so a flooded frame scores 0
+like a blank one (GRPO on the video default found that one green frame earned a perfect count
+without this rule).
 Stated objects are matched to detections one-to-one, maximising shape matches plus colour
 matches (shape wins ties, as GenEval detects the object class first). For clips, color, shape
 and count are averaged over frames.
@@ -87,7 +88,7 @@ class SceneReward:
         """frames: uint8 [F, H, W, 3] (F = 1 for an image)."""
         expected = truth["objects"]
         if truth["motion"] is not None:
-            clip = miniworld.analyse_clip(frames, self.min_area, self.min_travel)
+            clip = miniworld.analyse_clip(frames, self.min_area, self.min_travel, self.max_area)
             per_frame = clip["frames"]
         else:
             per_frame = [miniworld.analyse(frames[0], self.min_area)]

@@ -167,6 +167,19 @@ def test_colour_floods_are_not_objects():
         SceneReward(min_area=0.5, max_area=0.3)
 
 
+def test_drifting_floods_earn_no_motion():
+    # an 18x18 block (0.32 of the frame) of the stated colour drifting the stated way, 1 px a frame
+    clip = mw.make_scene(0, "video")
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[clip["motion"]]
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    for i in range(8):
+        x, y = 7 + step[0] * i, 7 + step[1] * i
+        frames[i, y : y + 18, x : x + 18] = mw.PALETTE[clip["objects"][0]["color"]]
+    assert [t["motion"] for t in mw.analyse_clip(frames)["tracks"]] == [clip["motion"]]  # tracked when allowed
+    assert mw.analyse_clip(frames, max_area=0.3)["tracks"] == []
+    assert row(reward([as_tensor(frames)], [clip]))["motion"] == 0.0
+
+
 def test_strict_mode():
     scene = mw.make_scene(0, "image", layout="single")
     wrong = recolor(scene, 0, next(c for c in mw.COLORS if c != scene["objects"][0]["color"]))
