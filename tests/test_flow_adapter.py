@@ -264,6 +264,35 @@ def test_same_noise_in_group(same):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_shared_noise_runs_the_ode_prefix_once_per_prompt(family):
+    """With one x_T per group, ODE steps before the SDE window run on B rows, not B*G; the
+    rollout equals the one from B*G rows that start from the same repeated noise."""
+    kw = dict(num_steps=4, window=2, window_start=2, guidance_scale=2.0)
+    shared = make(family, same_noise_in_group=True, **kw)
+    per_row = make(family, same_noise_in_group=False, **kw)
+    per_row.pipe.transformer.load_state_dict(shared.pipe.transformer.state_dict())
+    draw = per_row.glue.init_latents  # draw B latents, as the shared path does, then repeat them
+    per_row.glue.init_latents = lambda n, gen, dev: draw(n // 3, gen, dev).repeat_interleave(3, dim=0)
+
+    calls, handle = count_forward(shared.pipe.transformer)
+    a = shared.sample(PROMPTS, 3, torch.Generator().manual_seed(13))
+    handle.remove()
+    assert calls == [2 * 2, 2 * 2, 2 * 6, 2 * 6]  # (uncond + cond) x rows: 2 prompts, then 6 samples
+    b = per_row.sample(PROMPTS, 3, torch.Generator().manual_seed(13))
+    torch.testing.assert_close(a.extras["latents"], b.extras["latents"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack(a.samples), torch.stack(b.samples), rtol=1e-4, atol=1e-5)
+    assert ratio_dev(shared.log_prob(a).log_probs, a.log_probs) < 1e-6
+
+    # all-ODE evaluation with shared noise: one row per prompt throughout, G identical samples
+    calls, handle = count_forward(shared.pipe.transformer)
+    ev = shared.sample(PROMPTS, 3, torch.Generator().manual_seed(14), evaluate=True)
+    handle.remove()
+    assert calls == [2 * 2] * shared.eval_steps and len(ev.samples) == 6
+    assert torch.equal(ev.samples[0], ev.samples[2]) and not torch.equal(ev.samples[0], ev.samples[3])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_prompt_is_encoded_once(family):
     adapter = make(family, guidance_scale=2.0)
     encoders = [getattr(adapter.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
