@@ -411,19 +411,18 @@ def to_uint8_image(x: Any) -> np.ndarray:
 
 
 def colour_map(image: np.ndarray) -> np.ndarray:
-    """int [H, W]: palette index (into COLORS) of every pixel, -1 for background.
+    """int [..., H, W]: palette index (into COLORS) of every pixel, -1 for background.
 
     A pixel is an object pixel when bright (max channel >= 0.5) and saturated
     ((max - min) / max >= 0.5); its colour is the palette colour nearest in hue. This
     ignores brightness, so blur towards the background keeps colours and halves edges.
+    Takes one image [H, W, 3] or a stack of them [..., H, W, 3] (a clip's frames at once).
     """
-    rgb = to_uint8_image(image).astype(np.float32) / 255.0  # [H, W, 3]
-    if rgb.ndim != 3:
-        raise ValueError(f"expected a single image [H, W, 3], got shape {rgb.shape}; use analyse_clip for clips")
+    rgb = to_uint8_image(image).astype(np.float32) / 255.0  # [..., H, W, 3]
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx, mn = rgb.max(-1), rgb.min(-1)  # [H, W]
+    mx, mn = rgb.max(-1), rgb.min(-1)  # [..., H, W]
     d = np.maximum(mx - mn, 1e-6)
-    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))  # [H, W] in [0, 6)
+    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))  # [..., H, W] in [0, 6)
     hue_bin = np.floor(hue + 0.5).astype(np.int64) % 6
     lut = np.array([COLORS.index(c) for c in _HUE_ORDER])
     fg = (mx >= 0.5) & ((mx - mn) >= 0.5 * mx)
@@ -433,29 +432,19 @@ def colour_map(image: np.ndarray) -> np.ndarray:
 def _components(classes: np.ndarray) -> np.ndarray:
     """int [H, W]: 8-connected component id per pixel of equal class (>= 0), -1 elsewhere.
 
-    Min-label propagation with pointer jumping; ids are the smallest flat pixel index.
+    scipy.ndimage.label per class; a component's id is its smallest flat pixel index, so ids
+    (and the order `analyse` lists equal-area objects in) do not depend on the labelling order.
     """
+    from scipy import ndimage
+
     h, w = classes.shape
-    big = h * w
-    fg = classes >= 0
-    labels = np.where(fg, np.arange(big).reshape(h, w), big)  # [H, W]
-    cls = np.pad(classes, 1, constant_values=-1)
-    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    same = [cls[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == classes for dy, dx in shifts]  # 8 x [H, W]
-    while True:
-        lab = np.pad(labels, 1, constant_values=big)
-        new = labels.copy()
-        for (dy, dx), ok in zip(shifts, same):
-            nb = lab[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-            new = np.where(ok & fg, np.minimum(new, nb), new)
-        flat = np.append(new.ravel(), big)  # [H*W + 1]
-        for _ in range(4):  # pointer jumping: follow each label to its own label
-            flat = np.where(flat < big, flat[np.minimum(flat, big)], big)
-        new = flat[:-1].reshape(h, w)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    return np.where(fg, labels, -1)
+    flat_index = np.arange(h * w).reshape(h, w)  # [H, W]
+    labels = np.full((h, w), -1, dtype=np.int64)  # [H, W]
+    for c in np.unique(classes[classes >= 0]):
+        parts, n = ndimage.label(classes == c, structure=np.ones((3, 3), dtype=bool))  # [H, W] in 0..n
+        first = np.asarray(ndimage.minimum(flat_index, parts, index=np.arange(1, n + 1)), dtype=np.int64)  # [n]
+        labels = np.where(parts > 0, first[parts - 1], labels)
+    return labels
 
 
 def classify_shape(mask: np.ndarray) -> str:
@@ -483,6 +472,13 @@ def analyse(image: Any, min_area: float = 0.008) -> list[dict[str, Any]]:
     `min_area` of the image are noise and dropped.
     """
     classes = colour_map(image)  # [H, W]
+    if classes.ndim != 2:
+        raise ValueError(f"expected a single image [H, W, 3], got shape {classes.shape + (3,)}; use analyse_clip for clips")
+    return _objects(classes, min_area)
+
+
+def _objects(classes: np.ndarray, min_area: float) -> list[dict[str, Any]]:
+    """analyse() from a colour map [H, W]."""
     h, w = classes.shape
     labels = _components(classes)  # [H, W]
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
@@ -539,7 +535,7 @@ def analyse_clip(clip: Any, min_area: float = 0.008, min_travel: float = 0.06, m
     if frames_u8.ndim != 4:
         raise ValueError(f"analyse_clip: expected a clip [F, H, W, 3], got shape {frames_u8.shape}")
     n, h, w = frames_u8.shape[:3]
-    per_frame = [analyse(f, min_area) for f in frames_u8]
+    per_frame = [_objects(classes, min_area) for classes in colour_map(frames_u8)]  # colour map of all F frames at once
     trackable = [[o for o in f if o["area"] <= max_area * h * w] for f in per_frame]
     start = next((i for i, f in enumerate(trackable) if f), n)
     tracks = []
