@@ -258,7 +258,8 @@ class FlowAdapter:
           window_start + calls // slide_every, wrapping after window_max_start, default T - window).
       guidance_scale: > 1 turns on CFG, uncond (negative_prompt) and cond rows batched in one
           forward; <= 1 off. distilled_guidance: FLUX guidance embedding where the model has one.
-      same_noise_in_group: the G samples of a prompt start from the same initial latents.
+      same_noise_in_group: the G samples of a prompt start from the same initial latents; the
+          ODE steps before the SDE window are then run once per prompt, not once per sample.
       finetune: "lora" (peft on lora_target_modules with lora_rank / lora_alpha; reference
           = adapter disabled) or "full" (all transformer weights; reference = a frozen copy).
       height, width, num_frames (Wan), max_sequence_length (None = the pipeline's default).
