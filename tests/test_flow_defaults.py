@@ -112,6 +112,21 @@ def test_embedded_models_draw_scenes_the_reward_can_read():
         assert size <= 20e6
 
 
+def test_noisy_captions_give_the_stated_share_another_scenes_caption():
+    from mmgrpo.build.flow_pretrain import noisy_captions
+
+    captions = [f"scene {i}" for i in range(1000)]  # distinct, so every swap shows
+    out = noisy_captions(captions, 0.3, seed=0)
+    changed = [i for i in range(1000) if out[i] != captions[i]]
+    assert len(changed) == 300  # exactly the share, and never a scene's own caption
+    assert all(out[i] in captions for i in changed) and len({out[i] for i in changed}) > 200  # many donors
+    assert noisy_captions(captions, 0.3, seed=0) == out and noisy_captions(captions, 0.3, seed=1) != out
+    assert noisy_captions(captions, 0.0, seed=0) == captions
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="caption_noise"):
+            noisy_captions(captions, bad, seed=0)
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_quick_rebuild_loads_back(kind, tmp_path):
     import importlib
