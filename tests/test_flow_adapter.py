@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 
@@ -328,6 +329,8 @@ def test_rollout_layout_samples_and_evaluation(family, tmp_path):
         assert x.shape == shape and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     path = adapter.export(rollout.samples[0], tmp_path / "a")  # the suffix is added
     assert path.endswith(".mp4" if family == "wan" else ".png") and os.path.getsize(path) > 0
+    if family == "wan":
+        check_video_exports(adapter, rollout.samples[0], tmp_path)
 
     # rows of two rollouts concatenated still re-score (shared prompt tables merge by key)
     other = adapter.sample(PROMPTS[:1], 2, torch.Generator().manual_seed(13))
@@ -340,6 +343,19 @@ def test_rollout_layout_samples_and_evaluation(family, tmp_path):
     # evaluation is deterministic given the initial noise (ODE everywhere)
     ev2 = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(14), evaluate=True)
     assert all(torch.equal(a, b) for a, b in zip(ev.samples, ev2.samples))
+
+
+def check_video_exports(adapter, clip, tmp_path):
+    """Beside the MP4 a contact sheet (the frames in a row); .gif and .png paths pick those formats."""
+    from PIL import Image
+
+    F, _, H, W = clip.shape
+    expected = (clip.clamp(0, 1).permute(2, 0, 3, 1).reshape(H, F * W, 3) * 255).round().to(torch.uint8).numpy()
+    sheet = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))  # written with a.mp4
+    assert sheet.shape == (H, F * W, 3) and np.array_equal(sheet, expected)
+    assert adapter.export(clip, tmp_path / "only.png").endswith("only.png") and not (tmp_path / "only.mp4").exists()
+    gif = Image.open(adapter.export(clip, tmp_path / "b.gif"))
+    assert gif.format == "GIF" and gif.n_frames == F and gif.size == (W, H)
 
 
 def test_decode_false_gives_latent_samples_and_export_decodes(tmp_path):

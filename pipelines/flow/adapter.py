@@ -561,29 +561,40 @@ class FlowAdapter:
         self.sample_calls = int(state["sample_calls"])
 
     def export(self, sample: torch.Tensor, path: str | Path, fps: int = 8) -> str:
-        """Write an image [3, H, W] as PNG or a video [F, 3, H, W] as MP4 (via diffusers'
-        export_to_video); a path without a suffix gets .png / .mp4. Returns the path written.
-        With decode=False the sample is a latent, decoded here first."""
+        """Write a sample to `path` and return the path of the file written.
+
+        Images [3, H, W] go to PNG. Videos [F, 3, H, W] go to MP4 (diffusers' export_to_video)
+        with a contact sheet beside it (PATH.png: the F frames in a row, for where video does not
+        play); a path ending in .gif writes an animated GIF instead, one ending in .png the
+        contact sheet alone. A path without a suffix gets .png (images) or .mp4 (videos).
+        With decode=False the sample is a latent, decoded here first.
+        """
         import numpy as np
+        from PIL import Image
 
         path = Path(path)
         if not self.decode:
             with torch.no_grad():
                 sample = self.glue.decode(sample[None].to(self.device))[0].cpu()  # [3, H, W] or [F, 3, H, W]
-        if sample.ndim == 3:
-            from PIL import Image
-
+        if sample.ndim not in (3, 4):
+            raise ValueError(f"export needs an image [3, H, W] or a video [F, 3, H, W], got shape {tuple(sample.shape)}")
+        pixels = (sample.detach().float().cpu().clamp(0, 1).movedim(-3, -1).numpy() * 255).round().astype(np.uint8)
+        if sample.ndim == 3:  # pixels [H, W, 3]
             path = path if path.suffix else path.with_suffix(".png")
-            array = (sample.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(array).save(path)
+            Image.fromarray(pixels).save(path)
             return str(path)
-        if sample.ndim == 4:
-            from diffusers.utils import export_to_video
+        frames = [Image.fromarray(f) for f in pixels]  # F x [H, W, 3]
+        path = path if path.suffix else path.with_suffix(".mp4")
+        if path.suffix.lower() == ".gif":
+            frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+            return str(path)
+        sheet = path.with_suffix(".png")
+        Image.fromarray(np.concatenate(list(pixels), axis=1)).save(sheet)  # [H, F*W, 3]
+        if path == sheet:
+            return str(sheet)
+        from diffusers.utils import export_to_video
 
-            path = path if path.suffix else path.with_suffix(".mp4")
-            frames = [f.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() for f in sample]  # F x [H, W, 3] in [0, 1]
-            return export_to_video(frames, str(path), fps=fps)
-        raise ValueError(f"export needs an image [3, H, W] or a video [F, 3, H, W], got shape {tuple(sample.shape)}")
+        return export_to_video(frames, str(path), fps=fps)
 
     # ------------------------------------------------------------------ internals
 
