@@ -459,6 +459,9 @@ def model_card(record: dict[str, Any]) -> str:
     media = "32x32 RGB images" if kind == "image" else f"{VIDEO_FRAMES}-frame 32x32 RGB clips ({VIDEO_FRAMES} latent frames)"
     clip = b.get("clip_score")
     clip_line = f"{clip}" if clip is not None else f"not measured ({b.get('clip_score_error', 'embedded CLIP missing')})"
+    noise = r.get("caption_noise", 0.0)
+    noise = (f", {round(noise * 100)}% of them swapped for another scene's caption (`noisy_captions`: like web\n"
+             f"  alt-text, so the model renders well but follows its prompt only part of the time)") if noise else ""
     return f"""# Embedded {kind} model: tiny {pipeline} pretrained on the mini-world
 
 Built by `{record['command']}` (seed {record['seed']}) with `mmgrpo/build/flow_pretrain.py`;
@@ -469,7 +472,7 @@ the build is deterministic given the seed on one machine and thread count.
   text encoder(s) with a whole-word tokenizer for the mini-world vocabulary (max 16 tokens).
 - How: (1) VAE reconstruction training ({r['vae_steps']} steps, batch {r['vae_batch']}; final L1
   {record['vae_l1']} on a [-1, 1] scale), (2) rectified-flow training of the transformer on
-  {r['num_scenes']} training scenes with their captions ({r['steps']} steps, batch {r['batch']}, lr {r['lr']},
+  {r['num_scenes']} training scenes with their captions{noise} ({r['steps']} steps, batch {r['batch']}, lr {r['lr']},
   logit-normal sigmas, {int(r['caption_dropout'] * 100)}% caption dropout for CFG; final loss {record['flow_loss']}).
   Stopped early on purpose: samples are decent but imperfect so that GRPO has room.
 - Size: {record['size_bytes'] / 1e6:.2f} MB (safetensors, `save_pretrained`).
