@@ -205,6 +205,43 @@ def test_fixed_window_masks_and_stores_only_trained_steps():
     torch.testing.assert_close(ex["latents"][:, 0], x0 + v * (sigmas[1] - sigmas[0]))
 
 
+@pytest.mark.parametrize("same_noise", [False, True])
+def test_tail_steps_thin_the_ode_tail_only(same_noise):
+    """tail_steps = 2 after a window at steps 1-2 of 8: sigma indices 0 1 2 3, then 3 -> 6 -> 8 (two
+    Euler steps for the five-step tail; 5.5 rounds to 6). The window's transitions and log-probs are
+    those of the full schedule; the sample is one Euler step from x at index 3 to sigma 6, one more to 0."""
+    kw = dict(num_steps=8, window=2, window_start=1, same_noise_in_group=same_noise)
+    thin, full = make("wan", tail_steps=2, **kw), make("wan", **kw)
+    full.pipe.transformer.load_state_dict(thin.pipe.transformer.state_dict())
+    assert thin._stops(8, {1, 2}) == [0, 1, 2, 3, 6, 8] and thin._stops(8, set()) == list(range(9))
+    assert thin._stops(8, {5, 6}) == list(range(9))  # a tail of 1 step is not thinned
+
+    calls, handle = count_forward(thin.pipe.transformer)
+    a = thin.sample(PROMPTS, 2, torch.Generator().manual_seed(5))
+    handle.remove()
+    assert len(calls) == 5  # 3 steps up to the tail + 2 tail steps (the full schedule takes 8)
+    b = full.sample(PROMPTS, 2, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a.extras["latents"], b.extras["latents"])  # the same window transitions
+    torch.testing.assert_close(a.log_probs, b.log_probs)
+    assert torch.equal(a.mask, b.mask) and ratio_dev(thin.log_prob(a).log_probs, a.log_probs) < 1e-6
+    assert not torch.allclose(torch.stack(a.samples), torch.stack(b.samples))
+
+    sigmas = thin._sigmas(8)
+    thin.decode = False
+    x = thin.sample(PROMPTS, 2, torch.Generator().manual_seed(5)).extras["latents"][:, -1]  # x at index 3
+    emb = thin._row_embeds(a.shared, a.extras["prompt_key"])
+    with torch.no_grad():
+        for i, j in ((3, 6), (6, 8)):
+            x = x + thin._velocity(x, sigmas[i].expand(x.shape[0]), emb) * (sigmas[j] - sigmas[i])
+    torch.testing.assert_close(torch.stack(thin.sample(PROMPTS, 2, torch.Generator().manual_seed(5)).samples), x)
+
+    ev_thin = make("wan", tail_steps=2, **kw).sample(PROMPTS, 1, torch.Generator().manual_seed(6), evaluate=True)
+    ev_full = make("wan", **kw).sample(PROMPTS, 1, torch.Generator().manual_seed(6), evaluate=True)
+    torch.testing.assert_close(torch.stack(ev_thin.samples), torch.stack(ev_full.samples))  # evaluation: all steps
+    with pytest.raises(ValueError, match="tail_steps"):
+        make("wan", tail_steps=0)
+
+
 def test_timestep_fraction_trains_the_first_steps():
     adapter = make("flux", num_steps=10, timestep_fraction=0.99)  # Flow-GRPO: 10 steps -> 9 trained
     rollout = adapter.sample(PROMPTS[:1], 2, torch.Generator().manual_seed(8))

@@ -7,7 +7,8 @@ the sampling loop, so it records every trained transition; all step math is in `
 
     for i in range(T):                      # T = num_steps (evaluate: eval_steps)
         v = transformer(x, sigma_i, prompt)  # CFG: uncond + cond rows in ONE forward
-        x = kernel step (SDE inside the window, Euler "ode" elsewhere)
+        x = kernel step (SDE inside the window, Euler "ode" elsewhere; with tail_steps, fewer
+                         and larger Euler steps after the window)
 
 What a Rollout holds (N = B*G rows, prompt-major; T decision steps; K trained steps):
 - log_probs [N, T] fp32, the MEAN over latent dims of each step's log-density (sde.py);
@@ -256,6 +257,11 @@ class FlowAdapter:
           (start = window_start), "random" (start ~ U{0..window_max_start} from the sample
           generator; default max start T//2 - 1, the first half) or "sliding" (start =
           window_start + calls // slide_every, wrapping after window_max_start, default T - window).
+      tail_steps: Euler steps for the ODE tail of a training rollout, from the end of its SDE
+          window to sigma 0 (None = the schedule's own steps). Only window steps are trained, so
+          the tail only has to carry the window's output to a sample the rewards can read; the
+          tail's sigmas are tail_steps + 1 of the schedule's, evenly spaced by index (MixGRPO-Flash
+          integrates this part coarsely too). Evaluation rollouts are not affected.
       guidance_scale: > 1 turns on CFG, uncond (negative_prompt) and cond rows batched in one
           forward; <= 1 off. distilled_guidance: FLUX guidance embedding where the model has one.
       same_noise_in_group: the G samples of a prompt start from the same initial latents; the
@@ -288,6 +294,7 @@ class FlowAdapter:
         window_start: int = 0,
         window_max_start: int | None = None,
         slide_every: int = 25,
+        tail_steps: int | None = None,
         guidance_scale: float = 1.0,
         distilled_guidance: float = 3.5,
         negative_prompt: str = "",
@@ -344,6 +351,9 @@ class FlowAdapter:
         if kernel != "ode" and not all(self._trained_steps(self._window(a)) for a in self._window_starts()):
             raise ValueError("timestep_fraction and the SDE window leave some rollouts without a trained step: "
                              "widen the window, lower window_max_start or raise timestep_fraction")
+        if tail_steps is not None and tail_steps < 1:
+            raise ValueError(f"tail_steps must be >= 1 (or null for the schedule's own steps), got {tail_steps}")
+        self.tail_steps = tail_steps
         self.guidance_scale, self.negative_prompt = float(guidance_scale), negative_prompt
         self.same_noise_in_group = bool(same_noise_in_group)
 
@@ -462,15 +472,17 @@ class FlowAdapter:
         log_probs = torch.zeros(n, T, dtype=torch.float32, device=self.device)  # [N, T]
         mask = torch.zeros(n, T, dtype=torch.bool, device=self.device)  # [N, T]
         chain: list[torch.Tensor] = []  # x at each trained step, then the x after the last one
-        steps = range(T)
+        stops = self._stops(T, sde_steps)  # sigma indices visited: step k goes from stops[k] to stops[k + 1]
+        steps = range(len(stops) - 1)
         if self.progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="flow sampling", leave=False)
-        for i in steps:
+        for k in steps:
+            i = stops[k]
             if i == expand_at:
                 x = x.repeat_interleave(G, dim=0)  # [N, *D]
-            s, s_next = sigmas[i], sigmas[i + 1]
+            s, s_next = sigmas[i], sigmas[stops[k + 1]]
             emb = row_embeds if x.shape[0] == n else prompt_row_embeds
             v = self._velocity(x, s.expand(x.shape[0]).to(self.device), emb)  # [N or B, *D]
             out = sde.flow_step(
@@ -646,6 +658,15 @@ class FlowAdapter:
             raise ValueError(f"{type(sch).__name__} gave {len(sigmas)} sigmas ending at {float(sigmas[-1])}; "
                              f"expected {num_steps + 1} ending at 0: use schedule='dance'")
         return sigmas
+
+    def _stops(self, T: int, sde_steps: set[int]) -> list[int]:
+        """The sigma indices a rollout visits, 0 .. T: every one, except that with tail_steps the
+        ODE tail after the last SDE step keeps tail_steps + 1 of its indices, evenly spaced."""
+        end = max(sde_steps) + 1 if sde_steps else T  # the tail starts where the last SDE step ends
+        if self.tail_steps is None or T - end <= self.tail_steps:
+            return list(range(T + 1))
+        tail = torch.linspace(end, T, self.tail_steps + 1).round().long().tolist()  # [tail_steps + 1]
+        return list(range(end)) + tail
 
     def _window_starts(self) -> list[int]:
         """Every window start this adapter can use ([0] without a window)."""
