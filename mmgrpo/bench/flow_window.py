@@ -5,14 +5,15 @@
 
 Two runs of `mmgrpo.train` on the embedded video default (configs/video.yaml, tiny Wan on the
 mini-world), identical except for the flow sampler's SDE window:
-- window: SDE on w of the N sampling steps (the default: w = 4 of N = 10, random start in the
-  first half, Flow-GRPO-Fast / MixGRPO), ODE elsewhere; only window steps are stored and trained;
+- window: SDE on w of the N sampling steps as the shipped config places them (w = 2 of N = 10,
+  fixed at the first two steps, Flow-GRPO-Fast), ODE elsewhere, the ODE tail after the window in
+  the config's tail_steps Euler steps (3 instead of 8); only window steps are stored and trained;
 - full: SDE at every step; the first int(N * timestep_fraction) steps are trained (9 of 10).
-Both sample the same number of steps, so sampling costs the same; training re-scores one
-transformer forward (+ backward) per trained step and row, so its cost should scale with the
-number of trained steps. The trainer's own per-step timers (metrics.jsonl: time/sample,
-time/reward, time/train) are read back; the first step (warm-up) is dropped and the median of the
-rest is shown. Evaluation is off (eval.num_prompts=0) so only training steps are timed.
+Training re-scores one transformer forward (+ backward) per trained step and row, so its cost
+should scale with the number of trained steps; sampling shows what the coarser tail saves. The
+trainer's own per-step timers (metrics.jsonl: time/sample, time/reward, time/train) are read back;
+the first step (warm-up) is dropped and the median of the rest is shown. Evaluation is off
+(eval.num_prompts=0) so only training steps are timed.
 
 Target: train-phase time ratio window / full <= w/N + 0.15. Runs alternate (window, full,
 window, full, ... with --rounds) so machine-load drift falls on both; on a shared machine, read
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = load_config("video")
     kw = cfg.pipeline.kwargs
-    N, w = int(kw.get("num_steps", 10)), int(kw.get("window") or 4)
+    N, w = int(kw.get("num_steps", 10)), int(kw.get("window") or N)
     steps = 2 if args.quick else args.steps
     overrides = list(args.overrides)
     if args.quick:
