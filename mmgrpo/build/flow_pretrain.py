@@ -459,9 +459,9 @@ def model_card(record: dict[str, Any]) -> str:
     media = "32x32 RGB images" if kind == "image" else f"{VIDEO_FRAMES}-frame 32x32 RGB clips ({VIDEO_FRAMES} latent frames)"
     clip = b.get("clip_score")
     clip_line = f"{clip}" if clip is not None else f"not measured ({b.get('clip_score_error', 'embedded CLIP missing')})"
-    noise = r.get("caption_noise", 0.0)
-    noise = (f", {round(noise * 100)}% of them swapped for another scene's caption (`noisy_captions`: like web\n"
-             f"  alt-text, so the model renders well but follows its prompt only part of the time)") if noise else ""
+    swapped = r.get("caption_noise", 0.0)
+    noise = (f", {round(swapped * 100)}% of them swapped for another scene's caption (`noisy_captions`: like web\n"
+             f"  alt-text, so the model draws objects but follows its prompt only part of the time)") if swapped else ""
     return f"""# Embedded {kind} model: tiny {pipeline} pretrained on the mini-world
 
 Built by `{record['command']}` (seed {record['seed']}) with `mmgrpo/build/flow_pretrain.py`;

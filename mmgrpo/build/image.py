@@ -12,7 +12,7 @@ from mmgrpo.build.flow_pretrain import Recipe, main
 
 # A 2-level VAE (32x32x3 -> 16x16x4 latents) and 2x2 patches (64 tokens of 16 values): an earlier
 # build without VAE downsampling and 4x4 patches (64 values per token, width 64) sampled speckle.
-# 40% of the training captions belong to another scene (noisy_captions): the model draws clean
+# 40% of the training captions belong to another scene (noisy_captions): the model still draws
 # objects but follows its prompt only part of the time, which GRPO with the scene reward can fix
 # (a clean-caption build of the same size left GRPO only blob shapes to choose between: MODEL_CARD.md).
 FULL = Recipe(kind="image", num_scenes=4096, vae_steps=300, vae_batch=8, vae_lr=3e-3, steps=4500, batch=32, lr=1e-3,
