@@ -86,8 +86,20 @@ def prompt_meta(prompts: Sequence[Any]) -> dict[str, list[Any]]:
     return {k: [p.get(k) if isinstance(p, dict) else None for p in prompts] for k in keys}
 
 
-def prompt_text(prompt: Any) -> str:
-    return prompt["prompt"] if isinstance(prompt, dict) else str(prompt)
+def prompt_text(prompt: Any, index: int | None = None) -> str:
+    """The text of a prompt item: a string, or a dict's "prompt" string.
+
+    Anything else is one ValueError naming the item (`index`: its position in the batch), never a
+    silent str() of a dict or a number that a text encoder would read as a caption.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    where = "prompt" if index is None else f"prompt {index}"
+    raise ValueError(
+        f"{where} is a {type(prompt).__name__} ({prompt!r:.60}), not text: give a string or a dict with a 'prompt' string"
+    )
 
 
 class PromptOrder:
