@@ -12,6 +12,6 @@ def asset_path(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"embedded asset '{name}' is missing from {path.parent}: rebuild it with the command in its model card "
-            f"(python -m mmgrpo.build.{name})"
+            f"(python -m mmgrpo.pretrain.{name})"
         )
     return path

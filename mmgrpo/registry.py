@@ -33,8 +33,8 @@ REWARDS: dict[str, str] = {
 
 DATASETS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:toy_prompts",
-    "miniworld": "mmgrpo.miniworld:train_and_heldout",
-    "miniworld_vlm": "mmgrpo.miniworld:vlm_prompts",
+    "miniworld": "mmgrpo.miniworld.scenes:train_and_heldout",
+    "miniworld_vlm": "mmgrpo.miniworld.scenes:vlm_prompts",
 }
 
 ESTIMATORS = {

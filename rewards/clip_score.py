@@ -19,7 +19,7 @@ type, NaN pixels) scores None, which the trainer leaves out of the group statist
 Prompts: strings, or dicts holding "prompt" (the mini-world prompt items).
 
 Models: `CLIPScore()` is the embedded tiny CLIP in `mmgrpo.assets` ("clip"), trained on the
-mini-world by `python -m mmgrpo.build.clip`. Otherwise `model` is an open_clip model name
+mini-world by `python -m mmgrpo.pretrain.clip`. Otherwise `model` is an open_clip model name
 ("ViT-B-32") or a path to an open_clip model config .json (keys embed_dim, vision_cfg,
 text_cfg), and `pretrained` an open_clip tag ("openai": needs the model hub) or a local
 checkpoint (.safetensors / .pt / .bin). The model is loaded on first use and cached per process.

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import mmgrpo.rewards.clip_score as clip_module
 from mmgrpo import miniworld as mw
 from mmgrpo.assets import asset_path
-from mmgrpo.build import clip as build
+from mmgrpo.pretrain import clip as build
 from mmgrpo.rewards.clip_score import CLIPScore
 
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]  # [3, 1, 1]
@@ -147,7 +147,7 @@ def test_embedded_asset_is_small_and_documented():
     folder = asset_path("clip")
     assert (folder / build.WEIGHTS_NAME).stat().st_size <= 20 * 2**20
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "python -m mmgrpo.build.clip" in card and "Held-out" in card
+    assert "python -m mmgrpo.pretrain.clip" in card and "Held-out" in card
     assert json.loads((folder / build.CONFIG_NAME).read_text()) == build.CONFIG  # the script builds what ships
 
 

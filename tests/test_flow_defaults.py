@@ -115,7 +115,7 @@ def test_embedded_models_draw_scenes_the_reward_can_read():
 
 
 def test_noisy_captions_give_the_stated_share_another_scenes_caption():
-    from mmgrpo.build.flow_pretrain import noisy_captions
+    from mmgrpo.pretrain.flow_pretrain import noisy_captions
 
     captions = [f"scene {i}" for i in range(1000)]  # distinct, so every swap shows
     out = noisy_captions(captions, 0.3, seed=0)
@@ -137,8 +137,8 @@ def test_quick_rebuild_loads_back(kind, tmp_path):
     from mmgrpo.rewards.scene import SceneReward
     from mmgrpo import miniworld
 
-    module = importlib.import_module(f"mmgrpo.build.{kind}")
-    from mmgrpo.build.flow_pretrain import main
+    module = importlib.import_module(f"mmgrpo.pretrain.{kind}")
+    from mmgrpo.pretrain.flow_pretrain import main
 
     out = tmp_path / kind
     record = main(kind, module.FULL, module.QUICK, ["--quick", "--out", str(out)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmgrpo import miniworld as mw
+from mmgrpo.miniworld.scenes import _components
 
 SEEDS = range(200)
 
@@ -263,7 +264,7 @@ def test_connected_components_match_flood_fill():
     rng = np.random.default_rng(0)
     for _ in range(20):
         classes = np.where(rng.random((17, 23)) < 0.45, rng.integers(0, 3, (17, 23)), -1)
-        labels = mw._components(classes)
+        labels = _components(classes)
         got = {frozenset(zip(*np.nonzero(labels == lab))) for lab in np.unique(labels[labels >= 0])}
         assert got == flood_fill_partition(classes)
         assert ((labels >= 0) == (classes >= 0)).all()

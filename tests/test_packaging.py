@@ -57,3 +57,15 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     result = namespace["result"]
     assert result.eval["after"]["reward/mean"] > result.eval["before"]["reward/mean"]
     assert (tmp_path / "runs" / "api-example" / "eval.json").is_file()
+
+
+def test_every_source_package_is_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for name, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join([name, *init.parent.relative_to(ROOT / folder).parts]))
+    assert found == listed  # a package missing here is missing from a clean install's wheel
+    assert not any(part == "build" for name in listed for part in name.split("."))  # tools skip build/ folders

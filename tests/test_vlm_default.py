@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 
 import mmgrpo  # noqa: E402
 from mmgrpo import miniworld as mw  # noqa: E402
-from mmgrpo.build.vlm import answer_text  # noqa: E402
+from mmgrpo.pretrain.vlm import answer_text  # noqa: E402
 from mmgrpo.config import load_config  # noqa: E402
 from mmgrpo.data import load_prompts  # noqa: E402
 from mmgrpo.registry import expand_assets  # noqa: E402
@@ -129,10 +129,10 @@ def test_quick_build_writes_a_loadable_model(tmp_path):
     from mmgrpo.pipelines.vlm import VLMAdapter
 
     out = tmp_path / "vlm"
-    done = subprocess.run([sys.executable, "-m", "mmgrpo.build.vlm", "--quick", "--no-progress", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "mmgrpo.pretrain.vlm", "--quick", "--no-progress", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "model.safetensors").is_file() and "python -m mmgrpo.build.vlm --quick" in (
+    assert (out / "model.safetensors").is_file() and "python -m mmgrpo.pretrain.vlm --quick" in (
         out / "MODEL_CARD.md").read_text()
     adapter = VLMAdapter(str(out), finetune="full", keep_reference=False, max_new_tokens=3)
     rollout = adapter.sample(mw.vlm_prompts("grounding", 1, 0)["train"], 2, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The mini-world: procedural scenes of coloured shapes with exact ground truth.
+"""Mini-world scenes: procedural coloured shapes in images and clips, with exact ground truth.
 
 A scene is a JSON-serialisable dict, deterministic from a seed:
 
@@ -601,7 +601,7 @@ def vlm_prompts(
     size: int = VLM_IMAGE_SIZE,
     instruction: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The VLM prompt set for data.source (`mmgrpo.miniworld:vlm_prompts`): {"train": [...], "eval": [...]}.
+    """The VLM prompt set for data.source (`mmgrpo.miniworld.scenes:vlm_prompts`): {"train": [...], "eval": [...]}.
 
     Train items come from the train seed range, eval items from the held-out range (disjoint).
     task "grounding": "prompt" ("Where is the red circle?"), "image" (uint8 [size, size, 3]),

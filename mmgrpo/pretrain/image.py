@@ -1,14 +1,14 @@
 """Build the embedded text-to-image model (assets/image/): a tiny SD3 pipeline on the mini-world.
 
-    python -m mmgrpo.build.image                   # the shipped asset (minutes on 2 CPU cores)
-    python -m mmgrpo.build.image --quick --out DIR # a smoke build in seconds (what the tests run)
+    python -m mmgrpo.pretrain.image                   # the shipped asset (minutes on 2 CPU cores)
+    python -m mmgrpo.pretrain.image --quick --out DIR # a smoke build in seconds (what the tests run)
 
-See mmgrpo/build/flow_pretrain.py for the models and the two training stages.
+See mmgrpo/pretrain/flow_pretrain.py for the models and the two training stages.
 """
 
 from __future__ import annotations
 
-from mmgrpo.build.flow_pretrain import Recipe, main
+from mmgrpo.pretrain.flow_pretrain import Recipe, main
 
 # A 2-level VAE (32x32x3 -> 16x16x4 latents) and 2x2 patches (64 tokens of 16 values): an earlier
 # build without VAE downsampling and 4x4 patches (64 values per token, width 64) sampled speckle.

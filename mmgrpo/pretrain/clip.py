@@ -1,8 +1,8 @@
 """Build the embedded tiny CLIP (assets/clip/): an open_clip model trained on the mini-world.
 
-    python -m mmgrpo.build.clip                        # the shipped asset: 19 CPU-minutes, about
+    python -m mmgrpo.pretrain.clip                        # the shipped asset: 19 CPU-minutes, about
                                                        # 10 min on 2 free cores (31 min on a busy machine)
-    python -m mmgrpo.build.clip --quick --out DIR      # a smoke build in seconds (what the tests run)
+    python -m mmgrpo.pretrain.clip --quick --out DIR      # a smoke build in seconds (what the tests run)
 
 The model is open_clip's own CLIP class built from the config `CONFIG` (a ViT over 32x32
 images in 4x4 patches, a small causal text transformer over open_clip's default BPE tokenizer;
@@ -416,7 +416,7 @@ def build(out: Path, quick: bool, seed: int, steps: int | None = None, log: Call
     metrics["logit_scale"] = float(scorer.model.logit_scale.exp())
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     params = sum(p.numel() for p in model.parameters())
-    command = "python -m mmgrpo.build.clip" + (f" --quick --out {out}" if quick else "") + (f" --seed {seed}" if seed else "")
+    command = "python -m mmgrpo.pretrain.clip" + (f" --quick --out {out}" if quick else "") + (f" --seed {seed}" if seed else "")
     command += f" --steps {steps}" if steps is not None else ""
     card = model_card(metrics, settings, command, seconds, cpu_seconds, params, weights_path.stat().st_size, seed)
     (out / "MODEL_CARD.md").write_text(card)
@@ -428,7 +428,7 @@ def build(out: Path, quick: bool, seed: int, steps: int | None = None, log: Call
 def main(argv: Sequence[str] | None = None) -> None:
     from mmgrpo import assets
 
-    parser = argparse.ArgumentParser(prog="python -m mmgrpo.build.clip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmgrpo.pretrain.clip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the package's assets/clip)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny data (smoke test); needs --out")
     parser.add_argument("--seed", type=int, default=0)

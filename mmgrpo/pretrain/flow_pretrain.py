@@ -1,7 +1,7 @@
 """Pretraining of the embedded flow-matching models (assets/image, assets/video) on the mini-world.
 
-Shared by `python -m mmgrpo.build.image` (a StableDiffusion3Pipeline, 32x32 images) and
-`python -m mmgrpo.build.video` (a WanPipeline, 9 frames of 32x32). Both are assembled from the
+Shared by `python -m mmgrpo.pretrain.image` (a StableDiffusion3Pipeline, 32x32 images) and
+`python -m mmgrpo.pretrain.video` (a WanPipeline, 9 frames of 32x32). Both are assembled from the
 REAL diffusers / transformers classes with tiny configs, then trained in two stages:
 
 1. the VAE learns to reconstruct mini-world images / clips (L1 + MSE + a tiny KL; the video
@@ -464,7 +464,7 @@ def model_card(record: dict[str, Any]) -> str:
              f"  alt-text, so the model draws objects but follows its prompt only part of the time)") if swapped else ""
     return f"""# Embedded {kind} model: tiny {pipeline} pretrained on the mini-world
 
-Built by `{record['command']}` (seed {record['seed']}) with `mmgrpo/build/flow_pretrain.py`;
+Built by `{record['command']}` (seed {record['seed']}) with `mmgrpo/pretrain/flow_pretrain.py`;
 the build is deterministic given the seed on one machine and thread count.
 
 - What: a real diffusers `{pipeline}` ({media}) assembled from tiny configs: transformer
@@ -494,7 +494,7 @@ Not part of the build: run `mmgrpo train --modality {kind} --out DIR` and read D
 def main(kind: str, full: Recipe, quick: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m mmgrpo.build.{kind}", description=f"Build the embedded {kind} model.")
+    parser = argparse.ArgumentParser(prog=f"python -m mmgrpo.pretrain.{kind}", description=f"Build the embedded {kind} model.")
     parser.add_argument("--out", default=None, help=f"output folder (default: the package's assets/{kind})")
     parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
     parser.add_argument("--seed", type=int, default=0)
@@ -507,9 +507,9 @@ def main(kind: str, full: Recipe, quick: Recipe, argv: list[str] | None = None) 
 
         args.out = str(Path(assets.__file__).parent / kind)
     recipe = quick if args.quick else full
-    command = f"python -m mmgrpo.build.{kind}" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
+    command = f"python -m mmgrpo.pretrain.{kind}" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
     return build(kind, args.out, recipe, seed=args.seed, command=command)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run python -m mmgrpo.build.image or python -m mmgrpo.build.video")
+    sys.exit("run python -m mmgrpo.pretrain.image or python -m mmgrpo.pretrain.video")

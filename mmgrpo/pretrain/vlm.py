@@ -1,7 +1,7 @@
 """Build the embedded tiny VLM (assets/vlm/): a Qwen2-VL trained on mini-world grounding and motion.
 
-    python -m mmgrpo.build.vlm                        # the shipped asset (minutes on 2 CPU cores)
-    python -m mmgrpo.build.vlm --quick --out DIR      # a smoke build in seconds (what the tests run)
+    python -m mmgrpo.pretrain.vlm                        # the shipped asset (minutes on 2 CPU cores)
+    python -m mmgrpo.pretrain.vlm --quick --out DIR      # a smoke build in seconds (what the tests run)
 
 The model is transformers' own `Qwen2VLForConditionalGeneration` built from the config
 `ARCH` (a small decoder, a small vision tower with Qwen's 14-pixel patches and 2x2 merge), with
@@ -23,7 +23,7 @@ The build runs on one CPU thread by default (--threads): the matrices are tiny, 
 machine two threads are many times slower than one.
 
 Afterwards the saved folder is reloaded through `VLMAdapter` and evaluated on held-out seeds
-(`mmgrpo.miniworld.vlm_prompts` "eval" split) with the IoU and accuracy rewards; the numbers
+(`mmgrpo.miniworld.scenes.vlm_prompts` "eval" split) with the IoU and accuracy rewards; the numbers
 go to MODEL_CARD.md. Given --seed the weights are deterministic (on one machine and thread count).
 """
 
@@ -340,7 +340,7 @@ def write_card(out: Path, args: argparse.Namespace, settings: dict[str, Any], in
     rows = "\n".join(
         f"| {t} | {s['iou']:.3f} | {s['parsed']:.3f} | {s['motion_accuracy']:.3f} |" for t, s in scores.items()
     )
-    command = "python -m mmgrpo.build.vlm" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
+    command = "python -m mmgrpo.pretrain.vlm" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
     if args.max_steps is not None:
         command += f" --max-steps {args.max_steps}"
     if args.target_iou is not None:
@@ -352,7 +352,7 @@ def write_card(out: Path, args: argparse.Namespace, settings: dict[str, Any], in
 
 A tiny `Qwen2VLForConditionalGeneration` (transformers' own class) that answers mini-world
 questions; the embedded default policy of `mmgrpo train --modality vlm`. It was made from
-random weights by `mmgrpo/build/vlm.py` and is decent but imperfect on purpose: GRPO with the
+random weights by `mmgrpo/pretrain/vlm.py` and is decent but imperfect on purpose: GRPO with the
 IoU reward has room to improve it.
 
 Rebuild with:
@@ -375,7 +375,7 @@ Rebuild with:
 
 ## Data and training
 
-Inputs are mini-world scenes rendered at {SIZE}x{SIZE} (`mmgrpo.miniworld.vlm_item`), seeds drawn from
+Inputs are mini-world scenes rendered at {SIZE}x{SIZE} (`mmgrpo.miniworld.scenes.vlm_item`), seeds drawn from
 the training range only, fresh every step:
 - grounding: "Where is the red circle?" -> `<answer>[x1, y1, x2, y2]</answer>`, the object's
   box in absolute pixels (x2, y2 exclusive);
@@ -398,7 +398,7 @@ the machine was shared with other jobs while it ran.
 ## Held-out scores at the end of building
 
 {settings['eval_grounding']} grounding and {settings['eval_motion']} motion prompts from the held-out seeds
-(`mmgrpo.miniworld:vlm_prompts` eval split), one sample each, generator seed 1234; IoU reward
+(`mmgrpo.miniworld.scenes:vlm_prompts` eval split), one sample each, generator seed 1234; IoU reward
 with Qwen2.5-VL absolute coordinates (`mmgrpo.rewards.iou.IoUReward`, image = resized size),
 motion scored by exact match of the answer.
 

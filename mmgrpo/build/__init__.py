@@ -1,1 +1,0 @@
-"""Scripts that build the embedded tiny models in assets/ (run as `python -m mmgrpo.build.<name>`)."""

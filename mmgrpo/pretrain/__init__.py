@@ -1,0 +1,1 @@
+"""Scripts that build the embedded tiny models in assets/ (run as `python -m mmgrpo.pretrain.<name>`)."""
