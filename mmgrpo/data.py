@@ -98,7 +98,8 @@ def prompt_text(prompt: Any, index: int | None = None) -> str:
         return prompt["prompt"]
     where = "prompt" if index is None else f"prompt {index}"
     raise ValueError(
-        f"{where} is a {type(prompt).__name__} ({prompt!r:.60}), not text: give a string or a dict with a 'prompt' string"
+        f"{where} is a {type(prompt).__name__} without a 'prompt' string ({prompt!r:.60}): "
+        "give a string or a dict with a 'prompt' string"
     )
 
 

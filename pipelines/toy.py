@@ -8,14 +8,13 @@ previous output, so the task is learnable but a random policy is far from it.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from mmgrpo.data import prompt_text
+from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, options_from, prompt_text
 from mmgrpo.rollout import Rollout
 
 ALPHABET = "abcdef"
@@ -61,39 +60,39 @@ class ToyPolicy(nn.Module):
         return self.head(h), state
 
 
-class ToyAdapter:
-    """Adapter protocol over ToyPolicy. Decision steps T = max_len + 1 (symbols, then the end symbol)."""
+@dataclass
+class ToyOptions:
+    max_len: int = 6  # longest prompt; T = max_len + 1 decision steps
+    hidden: int = 64  # GRU width
+    temperature: float = 1.0  # sampling and re-scoring temperature
+    init_seed: int = 0  # seed of the policy's initial weights
 
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"toy temperature must be > 0, got {self.temperature}")
+        if self.max_len < 1 or self.hidden < 1:
+            raise ValueError(f"toy max_len and hidden must be >= 1, got {self.max_len} and {self.hidden}")
+
+
+class ToyAdapter(TunedAdapter):
+    """Adapter protocol over ToyPolicy, fully fine-tuned against a frozen copy of its initial weights.
+
+    Decision steps T = max_len + 1 (symbols, then the end symbol).
+    """
+
+    Options = ToyOptions
     scores_all_steps_at_once = True
 
-    def __init__(self, max_len: int = 6, hidden: int = 64, temperature: float = 1.0, init_seed: int = 0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"toy temperature must be > 0, got {temperature}")
-        torch.manual_seed(init_seed)  # construction only: the policy's initial weights
-        self.policy = ToyPolicy(len(ALPHABET), max_len, hidden).eval()  # no dropout; eval mode throughout
-        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
-        self.temperature = temperature
-        self.max_len = max_len
-        self._use_reference = False
+    def __init__(self, **kwargs: Any) -> None:
+        self.options = options_from(ToyOptions, kwargs, "ToyAdapter")
+        self.temperature, self.max_len = self.options.temperature, self.options.max_len
+        torch.manual_seed(self.options.init_seed)  # construction only: the policy's initial weights
+        self.policy = ToyPolicy(len(ALPHABET), self.max_len, self.options.hidden)
+        self.tuning = Finetuning(self.policy, "full")
         self.device = torch.device("cpu")
 
-    # -- Adapter protocol ------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "ToyAdapter":
-        self.device = torch.device(device)
-        self.policy.to(self.device)
-        self.ref_policy.to(self.device)
-        return self
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.policy.named_parameters())
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        previous, self._use_reference = self._use_reference, True
-        try:
-            yield
-        finally:
-            self._use_reference = previous
+    def _moved(self, device: torch.device) -> None:
+        self.device = device
 
     @torch.no_grad()
     def sample(
@@ -142,13 +141,13 @@ class ToyAdapter:
 
     # -- helpers ---------------------------------------------------------------------------
     def _policy(self) -> ToyPolicy:
-        return self.ref_policy if self._use_reference else self.policy
+        return self.tuning.active  # the frozen copy inside reference()
 
     def _encode(self, prompts: Sequence[Any]) -> torch.Tensor:
         steps = self.max_len + 1
         ids = torch.full((len(prompts), steps), self.policy.pad, dtype=torch.long)
         for i, p in enumerate(prompts):
-            text = prompt_text(p)
+            text = prompt_text(p, i)
             bad = set(text) - set(ALPHABET)
             if bad or len(text) > self.max_len:
                 raise ValueError(

@@ -46,6 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mmgrpo.data import prompt_text
+
 EMBEDDED = "clip"  # asset folder of the embedded model
 EMBEDDED_CONFIG = "tiny-clip.json"
 EMBEDDED_WEIGHTS = "tiny-clip.safetensors"
@@ -146,15 +148,6 @@ def clip_score(samples: Sequence[Any], prompts: Sequence[Any], **meta: Any) -> l
 @functools.lru_cache(maxsize=1)
 def _default() -> CLIPScore:
     return CLIPScore()
-
-
-def prompt_text(prompt: Any, index: int = 0) -> str:
-    """The text of a prompt: a string, or a dict's "prompt"."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-        return prompt["prompt"]
-    raise ValueError(f"CLIPScore: prompt {index} is {type(prompt).__name__} without a 'prompt' string; pass strings or dicts with 'prompt'")
 
 
 # ---------------------------------------------------------------------- samples
