@@ -1,10 +1,10 @@
 """Group-relative advantage estimators: pure functions over rewards and group ids.
 
-Inputs everywhere: rewards [N, K] fp32 (N = B*G rows, K reward components, NaN = could not
-score), group_id [N] long, weights [K]. A row whose rewards are all NaN is *invalid*: it is
-left out of every statistic and gets advantage 0. Standard deviations are the unbiased
-(Bessel-corrected) sample std, as torch.std and TRL use; a group with fewer than two valid
-rows has std 0.
+Inputs everywhere: rewards [N, K] (N = B*G rows, K reward components, NaN = could not score;
+compute_advantages works in float64), group_id [N] long, weights [K]. A row with no valid
+reward of non-zero weight is *invalid*: it is left out of every statistic and gets advantage 0.
+Standard deviations are the unbiased (Bessel-corrected) sample std, as torch.std and TRL use;
+a group with fewer than two valid rows has std 0.
 """
 
 from __future__ import annotations
@@ -71,13 +71,20 @@ def zero_std_groups(x: torch.Tensor, group_id: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum of the valid weighted components per row; NaN where no component is valid.
+    """Sum of the valid weighted components per row; NaN where no weighted component is valid.
 
-    rewards: [N, K], weights: [K] -> [N]
+    A weight-0 component ("logged only") never makes a row scored: a row that only it could
+    score is unscored, not a row with reward 0. rewards: [N, K], weights: [K] -> [N]
     """
-    valid = ~torch.isnan(rewards)  # [N, K]
+    weights = weights.to(rewards)
+    valid = weighted_valid(rewards, weights)  # [N, K]
     total = torch.where(valid, rewards * weights, torch.zeros_like(rewards)).sum(-1)  # [N]
     return torch.where(valid.any(-1), total, torch.full_like(total, math.nan))
+
+
+def weighted_valid(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, K] bool: component k of row n was scored and carries weight."""
+    return ~torch.isnan(rewards) & (weights.to(rewards) != 0)
 
 
 # ---------------------------------------------------------------- estimators on one score per row
@@ -189,7 +196,7 @@ def decoupled_normalized(
     per_component = torch.stack(
         [normalized(rewards[:, k], group_id, "group", eps) for k in range(rewards.shape[1])], dim=-1
     )  # [N, K]
-    valid = ~torch.isnan(rewards).all(-1)  # [N]
+    valid = weighted_valid(rewards, weights).any(-1)  # [N]
     summed = (per_component * weights).sum(-1)  # [N]
     summed = torch.where(valid, summed, torch.full_like(summed, math.nan))
     v = summed[valid]
@@ -219,11 +226,11 @@ def compute_advantages(
     "normalize_then_sum" is GDPO's decoupled normalisation (estimator must be "grpo").
     clip: if set, advantages are clamped to [-clip, clip] (Flow-GRPO uses 5).
     """
-    rewards = rewards.float()
+    rewards = rewards.double()  # float64 statistics: scores like 1e30 must not overflow to inf
     weights = weights.to(rewards)
-    valid = ~torch.isnan(rewards).all(-1)  # [N]
-    keep = valid.clone()
     total = weighted_sum(rewards, weights)  # [N]
+    valid = ~torch.isnan(total)  # [N] scored by at least one weighted reward
+    keep = valid.clone()
     if combine == "normalize_then_sum":
         if estimator != "grpo":
             raise ValueError("combine='normalize_then_sum' (GDPO) works with estimator='grpo' only")
@@ -245,5 +252,5 @@ def compute_advantages(
         raise ValueError(f"unknown advantage estimator {estimator!r}: use grpo, median, rank or ngrpo")
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    adv = torch.where(valid, adv, torch.zeros_like(adv)).float()  # [N]
     return Advantages(adv, keep, valid, zero_std_groups(total, group_id))
