@@ -55,11 +55,20 @@ def _read_source(source: str, kwargs: dict[str, Any]) -> Any:
 def read_prompt_file(path: Path) -> list[Any]:
     if not path.is_file():
         raise ConfigError(f"prompt file '{path}' does not exist")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"prompt file '{path}' is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): save it as UTF-8"
+        ) from None
     if path.suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if path.suffix == ".json":
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"prompt file '{path}' is not JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
         if not isinstance(items, list):
             raise ConfigError(f"prompt file '{path}' must hold a JSON list of prompts")
     else:

@@ -150,8 +150,9 @@ class ToyAdapter(TunedAdapter):
             text = prompt_text(p, i)
             bad = set(text) - set(ALPHABET)
             if bad or len(text) > self.max_len:
+                shown = f"{text[:40]!r}" + (f" ({len(text)} characters)" if len(text) > 40 else "")
                 raise ValueError(
-                    f"toy prompt {text!r} must use only {ALPHABET!r} and be at most {self.max_len} symbols long"
+                    f"toy prompt {i} {shown} must use only {ALPHABET!r} and be at most {self.max_len} symbols long"
                 )
             ids[i, : len(text)] = torch.tensor([ALPHABET.index(c) for c in text])
         return ids.to(self.device)

@@ -89,3 +89,28 @@ def test_dict_rewards_are_checked_per_sub_score():
     assert components.shape == (2, 1) and torch.isnan(subs["scene/colour"][1])
     with pytest.raises(RewardError, match="without the key 'score'"):
         score_rollout({"scene": lambda s, p, **_: {"colour": [1.0, 1.0]}}, ["a", "b"], ["p", "q"])
+
+
+# ------------------------------------------------------------------------------- prompt files
+
+
+def test_prompt_files_that_are_not_utf8_or_not_json_are_one_line(tmp_path):
+    from mmgrpo.config import ConfigError
+    from mmgrpo.data import read_prompt_file
+
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 5\): save it as UTF-8"):
+        read_prompt_file(latin1)
+    broken = tmp_path / "prompts.json"
+    broken.write_text('[{"prompt": "a"},')
+    with pytest.raises(ConfigError, match=r"prompts.json' is not JSON: .* \(line 1, column 18\)"):
+        read_prompt_file(broken)
+
+
+def test_a_huge_bad_prompt_is_not_echoed_whole():
+    from mmgrpo.pipelines.toy import ToyAdapter
+
+    with pytest.raises(ValueError) as info:
+        ToyAdapter(max_len=4).sample(["z" * 5_000_000], 2, torch.Generator().manual_seed(0))
+    assert len(str(info.value)) < 300 and "5000000 characters" in str(info.value)
