@@ -47,10 +47,11 @@ def _closed_form(kernel: str, x, v, s: float, s_next: float, a: float):
     if kernel == "dance":
         return x + dt * v - 0.5 * a**2 * score * dt, a * math.sqrt(s - s_next)
     if kernel == "exact":
-        # variance: the integral of Flow-GRPO's g^2 = a^2 u/(1-u) over the (clamped) step, by quadrature
-        hi, lo = min(s, 1 - 3e-3), min(s_next, 1 - 3e-3)
-        u = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
-        var = torch.trapezoid(a**2 * u / (1 - u), u).item()
+        # variance: the integral of Flow-GRPO's g^2 = a^2 u/(1-u) over the step, by quadrature; as in
+        # SAGE-GRPO's released code sigma is clamped to 1 - 3e-3 but the step s - s_next is not
+        hi = min(s, 1 - 3e-3)
+        u = torch.linspace(s_next, hi, 200_001, dtype=torch.float64)
+        var = torch.trapezoid(a**2 * u / (1 - u), u).item() - a**2 * (s - hi)
         return x + dt * v + 0.5 * var * score, math.sqrt(var)
     raise AssertionError(kernel)
 
@@ -208,3 +209,28 @@ def test_errors_are_readable():
         sde.transition("euler", x, v, 0.5, 0.4)
     with pytest.raises(ValueError, match="Generator"):
         sde.flow_step("sde", x, v, 0.5, 0.4)
+
+
+def test_exact_kernel_at_sigma_one_clamps_sigma_only():
+    """SAGE-GRPO's released variance at sigma = 1: eta^2 (ln((1 - s_next) / (1 - min(s, 1 - 3e-3))) - (s - s_next)),
+    the step unclamped (clamping both ends, as before, made it larger by eta^2 (1 - 0.997))."""
+    x, v = _data(3)
+    s, s_next, eta = 1.0, 0.9, 0.7
+    var = eta**2 * (math.log((1 - s_next) / (1 - min(s, 1 - 3e-3))) - (s - s_next))
+    out = sde.flow_step("exact", x, v, s, s_next, noise_level=eta, generator=torch.Generator().manual_seed(4))
+    assert out.std.flatten().double() == pytest.approx([math.sqrt(var)] * SHAPE[0], rel=1e-6)
+    score = -(x.double() + (1 - s) * v.double()) / s
+    mean = x.double() + (s_next - s) * v.double() + 0.5 * var * score
+    torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    expected = Normal(mean, math.sqrt(var)).log_prob(out.next_latents.double()).mean(dim=(1, 2, 3))  # [n]
+    torch.testing.assert_close(out.log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s, s_next", [(1.0, 0.998), (0.999, 0.998), (1.0, 1.0), (0.5, 0.5)])
+def test_exact_kernel_without_a_positive_variance_is_an_error(s, s_next):
+    x, v = _data()
+    with pytest.raises(ValueError, match="no positive variance"):
+        sde.flow_step("exact", x, v, s, s_next, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([0.5, s, 0.5])  # one bad row among good ones is enough
+    with pytest.raises(ValueError, match=f"sigma={s:g} -> sigma_next={s_next:g}"):
+        sde.transition("exact", x, v, rows, torch.tensor([0.25, s_next, 0.25]))

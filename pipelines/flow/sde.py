@@ -18,9 +18,11 @@ A kernel turns (x, v, s, s_next) into a Gaussian transition N(mean, std^2 I) for
 - "dance" DanceGRPO. std = eta sqrt(s - s_next), mean = x + v dt - eta^2 score dt / 2.
 - "exact" SAGE-GRPO. std^2 = eta^2 * integral_{s_next}^{s} u / (1-u) du
           = eta^2 (ln((1 - s_next) / (1 - s)) - (s - s_next)), the exact integral of
-          Flow-GRPO's g^2 over the step (both ends clamped to <= 1 - 3e-3 inside this integral
-          only), mean = x + v dt + std^2 score / 2.  (ANCHORS writes the integral as
-          "-ds + ln(...)": that holds with ds = s - s_next > 0, the positive step size.)
+          Flow-GRPO's g^2 over the step, mean = x + v dt + std^2 score / 2. As in SAGE-GRPO's
+          released code, only sigma is clamped (to <= 1 - 3e-3, inside the log only):
+          std^2 = eta^2 (ln((1 - s_next) / (1 - min(s, 1 - 3e-3))) - (s - s_next)) with the
+          UNCLAMPED step s - s_next. (ANCHORS writes it as "-ds + ln(...)": ds = s - s_next > 0.)
+          A step with no positive variance (it ends at or above ~1 - 3e-3) is a ValueError.
 - "ode"   the deterministic Euler step x + v dt. Not a density: std = 0, and the log-prob
           returned is 0 for every row. Steps taken with it are never trained: the adapter
           marks them mask=False.
@@ -41,7 +43,7 @@ import torch
 KERNELS = ("sde", "cps", "dance", "exact", "ode")
 # noise_level means a for "sde"/"cps" and eta for "dance"/"exact"; unused by "ode".
 DEFAULT_NOISE_LEVEL = {"sde": 0.7, "cps": 0.7, "dance": 0.3, "exact": 0.7, "ode": 0.0}
-EXACT_SIGMA_MAX = 1.0 - 3e-3  # "exact": sigmas are clamped to this inside the variance integral
+EXACT_SIGMA_MAX = 1.0 - 3e-3  # "exact": sigma (not sigma_next, not the step) is clamped to this in the variance
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -86,6 +88,27 @@ def _rows(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"a per-row sigma must have shape [n={x.shape[0]}], got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.ndim - 1)))  # [n, 1, ..., 1]
+
+
+def exact_variance_integral(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """SAGE-GRPO's integral of u / (1-u) over a step: ln((1 - s_next) / (1 - min(s, 1 - 3e-3))) - (s - s_next).
+
+    Only sigma is clamped; the step s - s_next is not (SAGE-GRPO's released code). Float64 in, same shape
+    out. A step whose integral is not positive (it ends at or above ~1 - 3e-3: sigma_next >= sigma near
+    1) has no Gaussian: one ValueError instead of a zero variance and a -inf log-prob.
+    """
+    clamped = sigma.clamp(max=EXACT_SIGMA_MAX)
+    integral = torch.log1p(-sigma_next) - torch.log1p(-clamped) - (sigma - sigma_next)  # same shape
+    bad = ~(integral > 0)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        s, s_next = float(sigma.flatten()[i]), float(sigma_next.flatten()[i])
+        raise ValueError(
+            f"the 'exact' kernel has no positive variance for the step sigma={s:g} -> sigma_next={s_next:g}: a step "
+            f"must lower sigma and end below SAGE's clamp {EXACT_SIGMA_MAX:g} (from sigma = 1: sigma_next < ~0.99699); "
+            "use a schedule whose second sigma is lower, or another kernel"
+        )
+    return integral
 
 
 def score_estimate(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -147,13 +170,12 @@ def transition(
     if kernel == "dance":
         var = a**2 * (s - s_next)  # [n, 1, ...] eta^2 |dt|
     else:  # "exact"
-        sc, snc = s.clamp(max=EXACT_SIGMA_MAX), s_next.clamp(max=EXACT_SIGMA_MAX)
-        var = a**2 * (torch.log1p(-snc) - torch.log1p(-sc) - (sc - snc))  # [n, 1, ...] integral of g^2
+        var = a**2 * exact_variance_integral(s, s_next)  # [n, 1, ...]
     # mean = x + v dt + var * score / 2 with score = -(x + (1-s) v) / s, as affine coefficients
     x_coef = (1.0 - var / (2.0 * s)).float()  # [n, 1, ...]
     v_coef = (dt - var * (1.0 - s) / (2.0 * s)).float()  # [n, 1, ...]
     mean = x * x_coef + v * v_coef  # [n, *D]
-    return mean, var.clamp_min(0).sqrt().float()
+    return mean, var.sqrt().float()
 
 
 def log_prob(kernel: str, next_latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
