@@ -8,6 +8,7 @@ Layout of DIR/checkpoints/step_000042/:
   adapter.pt              the adapter's own sampler state (when it has any)
 A checkpoint is written into a hidden temporary folder and renamed into place, then the
 `latest` file is replaced atomically: a crash mid-write never leaves a half checkpoint.
+`save` and `restore` take one TrainState, everything a run carries from step to step.
 """
 
 from __future__ import annotations
@@ -15,14 +16,98 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmgrpo.config import ConfigError
+
+if TYPE_CHECKING:
+    from mmgrpo.data import PromptOrder
+    from mmgrpo.distributed import Collective
+    from mmgrpo.optim import EMA
+    from mmgrpo.protocols import Adapter
+
 LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """What a run carries from one step to the next: a checkpoint saves all of it, resume restores it."""
+
+    params: dict[str, torch.nn.Parameter]  # the trainable weights by name
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: PromptOrder  # position in the stream of training prompts
+    generator: torch.Generator  # this process's sampling RNG
+    adapter: Adapter  # its sampler_state() / load_sampler_state(), when it has them
+    ema: EMA | None = None
+    step: int = 0  # training steps done
+
+
+def save(state: TrainState, root: Path, comm: Collective, keep: int) -> None:
+    """Write checkpoint `state.step` under root (every process takes part), keeping the newest `keep`."""
+    stage = staging_dir(root, state.step)
+    if comm.is_main:
+        shutil.rmtree(stage, ignore_errors=True)  # left over by a crash mid-write
+        stage.mkdir(parents=True)
+    comm.barrier()
+    write_rank(stage, comm.rank, state.generator)
+    if comm.is_main:
+        trainer_state = {
+            "step": state.step,
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "order": state.order.state_dict(),
+            "ema_updates": state.ema.updates if state.ema else 0,
+            "world_size": comm.world_size,
+        }
+        sampler_state = state.adapter.sampler_state() if hasattr(state.adapter, "sampler_state") else None
+        write_main(
+            stage,
+            params=state.params,
+            ema=state.ema.shadow if state.ema else None,
+            trainer_state=trainer_state,
+            adapter_state=sampler_state,
+        )
+    comm.barrier()
+    if comm.is_main:
+        publish(root, state.step, keep)
+    comm.barrier()
+
+
+def restore(state: TrainState, root: Path, comm: Collective) -> Path:
+    """Load the latest checkpoint under root into `state` (in place); returns its folder."""
+    path = latest(root)
+    if path is None:
+        raise ConfigError(f"nothing to resume: '{root}' has no checkpoint")
+    saved = load(path, comm.rank)
+    if saved["world_size"] != comm.world_size:
+        raise ConfigError(
+            f"checkpoint {path} was written by {saved['world_size']} processes; resume with the same number"
+        )
+    mismatch = set(state.params) ^ set(saved["params"])
+    if mismatch:
+        raise ConfigError(f"checkpoint {path} does not match the adapter's trainable weights: {sorted(mismatch)[:5]}")
+    with torch.no_grad():
+        for name, p in state.params.items():
+            p.copy_(saved["params"][name].to(p.device, p.dtype))
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.order.load_state_dict(saved["order"])
+    state.generator.set_state(saved["generator"])
+    if state.ema is not None and saved["ema"] is not None:
+        state.ema.shadow = {k: v.float() for k, v in saved["ema"].items()}
+        state.ema.updates = saved["ema_updates"]
+    if saved["adapter"] is not None and hasattr(state.adapter, "load_sampler_state"):
+        state.adapter.load_sampler_state(saved["adapter"])
+    restore_global_rng(saved["global_rng"])
+    state.step = saved["step"]
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -113,29 +198,3 @@ def restore_global_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-class EMA:
-    """Exponential moving average of the trainable weights, updated every `every` optimizer steps."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, every: int = 1) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in (0, 1), got {decay}")
-        self.decay, self.every, self.updates = decay, every, 0
-        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict[str, torch.nn.Parameter], optimizer_step: int) -> None:
-        if optimizer_step % self.every:
-            return
-        self.updates += 1
-        for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def swap(self, params: dict[str, torch.nn.Parameter]) -> None:
-        """Exchange the live weights and the averaged ones (call twice to undo)."""
-        for k, p in params.items():
-            live = p.detach().clone()
-            p.copy_(self.shadow[k].to(p.dtype))
-            self.shadow[k].copy_(live.float())

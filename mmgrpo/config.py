@@ -64,6 +64,9 @@ class LossConfig:
     beta: float = 0.0  # KL-to-reference weight; 0 skips the reference forward entirely
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_closed_form: bool = True  # use the Gaussian closed form when the adapter returns mean/std
+    # scale of that closed form: "exact" per-step Gaussian KL, or "flow_grpo" (exact x |dt|, the scale
+    # Flow-GRPO's betas were tuned for); see losses.gaussian_kl
+    kl_convention: Literal["exact", "flow_grpo"] = "exact"
 
 
 @dataclass
@@ -182,25 +185,62 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion.
+
+    Missing keys without a default and ValueErrors of the dataclass's own checks (__post_init__)
+    are ConfigErrors too, prefixed with `where`.
+    """
     label = where or "config"
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label} must be a mapping of keys, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" (did you mean '{_join(where, close[0])}'?)" if close else f" (valid keys: {', '.join(names)})"
             raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.init and f.name not in data:
+            raise ConfigError(f"missing config key '{_join(where, f.name)}': it has no default, give it a value")
     kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a range check in the dataclass's __post_init__: a user mistake too
+        raise ConfigError(f"{label}: {e}") from None
 
 
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys and ranges that the types alone do not express (run before anything is built)."""
+    t = cfg.train
+    for key in ("max_steps", "prompts_per_step", "group_size", "micro_batch_size", "num_iterations", "checkpoint_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if t.group_size < 2 and cfg.advantage.estimator != "ngrpo":
+        raise ConfigError("train.group_size must be at least 2: group-relative advantages of one sample are 0")
+    if cfg.loss.ratio == "sequence" and t.step_chunk:
+        raise ConfigError("loss.ratio=sequence (GSPO) scores all steps at once: remove train.step_chunk")
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"train.num_threads must be at least 1 (or null for torch's default), got {t.num_threads}")
+    if t.step_chunk is not None and t.step_chunk < 1:
+        raise ConfigError(f"train.step_chunk must be at least 1 (or null for all steps), got {t.step_chunk}")
+    if cfg.loss.eps_low <= 0 or (cfg.loss.eps_high is not None and cfg.loss.eps_high <= 0):
+        raise ConfigError("loss.eps_low and loss.eps_high must be > 0")
+    if cfg.loss.beta > 0 and cfg.loss.kl_convention == "flow_grpo" and not cfg.loss.kl_closed_form:
+        raise ConfigError(
+            "loss.kl_convention=flow_grpo scales the closed-form Gaussian KL: set loss.kl_closed_form=true "
+            "or loss.kl_convention=exact"
+        )
 
 
 # ---------------------------------------------------------------- overrides and files

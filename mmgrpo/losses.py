@@ -16,6 +16,7 @@ import torch
 RatioLevel = Literal["token", "sequence"]
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+KLConvention = Literal["exact", "flow_grpo"]
 
 
 class PolicyTerms(NamedTuple):
@@ -73,15 +74,34 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}: use k1, k2 or k3")
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Closed-form KL between two Gaussians with the same std, MEAN over the latent dims.
+def gaussian_kl(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    convention: KLConvention = "exact",
+    step_size: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Closed-form KL between the policy's and the reference's Gaussian steps (same std), MEAN over latent dims.
 
-    KL(N(mu, s^2) || N(mu_ref, s^2)) per dim = (mu - mu_ref)^2 / (2 s^2); averaged over dims as
-    Flow-GRPO does (matching its mean-over-dims log-probs).
-    mean, ref_mean: [n, S, *D]; std broadcastable -> [n, S]
+    convention="exact": the exact per-step KL, KL(N(mu, s^2) || N(mu_ref, s^2)) = (mu - mu_ref)^2 / (2 s^2)
+      per dim, with s the std of the step's transition. For an SDE step s^2 = g^2 |dt|, so this is
+      (mu - mu_ref)^2 / (2 g^2 |dt|): FlowSE-GRPO's ||mu - mu_ref||^2 / (2 sigma^2 dt).
+    convention="flow_grpo": Flow-GRPO's released code, (mu - mu_ref)^2 / (2 g^2), dividing by g^2 alone;
+      that is the exact KL times |dt| (`step_size`, |sigma_next - sigma| of each step), so 1/|dt| times
+      smaller (25x at the first step of a 10-step schedule). Flow-GRPO's beta values assume this scale.
+    Averaged over dims as Flow-GRPO does (matching its mean-over-dims log-probs).
+    mean, ref_mean: [n, S, *D]; std broadcastable to mean; step_size broadcastable to [n, S] -> [n, S]
     """
     per_dim = (mean.float() - ref_mean.detach().float()) ** 2 / (2 * std.float() ** 2)  # [n, S, *D]
-    return per_dim.flatten(2).mean(-1)  # [n, S]
+    exact = per_dim.flatten(2).mean(-1)  # [n, S]
+    if convention == "exact":
+        return exact
+    if convention == "flow_grpo":
+        if step_size is None:
+            raise ValueError("gaussian_kl(convention='flow_grpo') needs step_size, the |dt| of each step")
+        return exact * step_size.float().to(exact.device)  # [n, S]
+    raise ValueError(f"unknown KL convention {convention!r}: use 'exact' or 'flow_grpo'")
 
 
 def aggregation_weights(

@@ -17,12 +17,14 @@ class StepScores(NamedTuple):
     """What `Adapter.log_prob` may return instead of a bare tensor.
 
     For Gaussian decision steps (SDE samplers) the adapter can also return the mean and std of
-    each step's transition, so the KL to the reference is computed in closed form.
+    each step's transition, so the KL to the reference is computed in closed form, and the size
+    |dt| of each step, which Flow-GRPO's KL scale (loss.kl_convention=flow_grpo) multiplies by.
     """
 
     log_probs: torch.Tensor  # [n, S] fp32, S = len(steps)
     mean: torch.Tensor | None = None  # [n, S, *D] mean of each step's Gaussian
     std: torch.Tensor | None = None  # broadcastable to mean: std of each step's Gaussian
+    step_size: torch.Tensor | None = None  # [n, S] fp32: |sigma_next - sigma| of each Gaussian step
 
 
 @runtime_checkable
@@ -38,9 +40,21 @@ class Adapter(Protocol):
     - reference: a context manager inside which log_prob scores with the frozen reference
       policy (for example LoRA disabled); trainable weights are untouched.
 
-    Optional methods the trainer uses when present: `to(device)`, `export(sample, path)`
-    (writes one sample to a file; returns the path written), `scores_all_steps_at_once`
-    (bool attribute: True where one forward scores every step, which a sequence-level ratio needs).
+    Optional: the trainer uses these when present (and works without them).
+    - `to(device) -> Any`: move the models to the run's device (called once, before training).
+    - `export(sample, path) -> str | Path`: write one sample to a file for the galleries (path has
+      no suffix: the adapter picks one) and return the path written. Without it, samples are
+      written inline into samples/<tag>.jsonl.
+    - `scores_all_steps_at_once: bool` (attribute): True where one forward scores every step,
+      which a sequence-level ratio (loss.ratio=sequence, GSPO) needs.
+    - `sampler_state() -> Any` and `load_sampler_state(state) -> None`: sampler state beyond the
+      trainer's RNG (for example a rotating SDE window); saved in every checkpoint (adapter.pt)
+      and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
+    - `Options` (class attribute): a dataclass of the constructor's config options. When the class
+      has one, `pipeline.kwargs` is checked against it (unknown key: one line with the closest
+      valid key) before the adapter is built.
+    These are documented here rather than declared, so that isinstance(x, Adapter) stays true
+    for an adapter without them.
     """
 
     def sample(

@@ -10,16 +10,16 @@
                     loss = weighted clipped surrogate (+ beta * KL)   (adapter.log_prob)
                     loss.backward()                                   (memory: one chunk)
             average gradients over processes, clip, optimizer step
+
+Bookkeeping lives next door: rundir.py (run directory), checkpoint.py (TrainState, save, resume),
+evaluation.py, optim.py (optimizer, LR schedule, EMA, clipping), config.validate.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
+import dataclasses
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,23 +27,20 @@ import torch
 
 from mmgrpo import checkpoint
 from mmgrpo.advantages import compute_advantages, weighted_sum, zero_std_groups
-from mmgrpo.config import Config, ConfigError, LossConfig, dump_config, load_config
-from mmgrpo.data import PromptOrder, load_prompts, prompt_text
+from mmgrpo.checkpoint import TrainState
+from mmgrpo.config import Config, ConfigError, LossConfig, from_dict, load_config, validate
+from mmgrpo.data import PromptOrder, load_prompts
 from mmgrpo.distributed import Collective, batched_runs, local_runs
+from mmgrpo.evaluation import evaluate, reward_stats
 from mmgrpo.losses import aggregation_weights, gaussian_kl, kl_penalty, policy_loss
-from mmgrpo.protocols import StepScores
+from mmgrpo.optim import build_optimizer, clip_gradients, ema_weights, trainable_weights
+from mmgrpo.protocols import Adapter, StepScores
 from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
 from mmgrpo.rollout import Rollout
-from mmgrpo.scoring import build_rewards, paired_gain, reward_key, score_rollout
+from mmgrpo.rundir import RunDir, RunResult, default_out
+from mmgrpo.scoring import reward_functions, score_rollout
 
 TIME_KEYS = ("time/sample", "time/reward", "time/train", "time/step")
-
-
-@dataclass
-class RunResult:
-    out_dir: Path
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    eval: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -52,7 +49,7 @@ class RunResult:
 def train(
     config: Config | dict | str | Path | None = None,
     *,
-    adapter: Any | None = None,
+    adapter: Adapter | None = None,
     rewards: Mapping[str, Callable] | Sequence[Callable] | Callable | None = None,
     prompts: Sequence[Any] | None = None,
     eval_prompts: Sequence[Any] | None = None,
@@ -78,7 +75,7 @@ def train(
     cfg = load_config(config if config is not None else "toy", list(overrides))
     if max_steps is not None:
         cfg.train.max_steps = max_steps
-    _validate(cfg)
+    validate(cfg)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
@@ -92,14 +89,11 @@ def train(
     adapter = adapter if adapter is not None else build_adapter(cfg)
     if hasattr(adapter, "to"):
         adapter.to(device)
-    reward_fns, weights = _rewards_and_weights(cfg, rewards)
+    reward_fns, weights = reward_functions(cfg.rewards, rewards)
     primary = cfg.eval.primary or next(iter(reward_fns))
     if primary not in reward_fns:
         raise ConfigError(f"eval.primary '{primary}' is not one of the rewards: {', '.join(reward_fns)}")
-    if prompts is None:
-        train_prompts, held_out = load_prompts(cfg.data, cfg.train.seed)
-    else:
-        train_prompts, held_out = list(prompts), []
+    train_prompts, held_out = load_prompts(cfg.data, cfg.train.seed) if prompts is None else (list(prompts), [])
     held_out = list(eval_prompts) if eval_prompts is not None else held_out
     if cfg.loss.ratio == "sequence" and not getattr(adapter, "scores_all_steps_at_once", False):
         raise ConfigError(
@@ -107,29 +101,25 @@ def train(
             f"{type(adapter).__name__} scores steps separately: use loss.ratio=token"
         )
 
-    params = _named_parameters(adapter)
-    optimizer = torch.optim.AdamW(
-        params.values(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
-    iterations = cfg.train.max_steps * cfg.train.num_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, iterations))
-    ema = checkpoint.EMA(params, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
+    params = trainable_weights(adapter)
+    optimizer, scheduler, ema = build_optimizer(params, cfg.optim, cfg.train.max_steps * cfg.train.num_iterations)
     order = PromptOrder(len(train_prompts), cfg.train.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + 7919 * comm.rank)
+    state = TrainState(params, optimizer, scheduler, order, generator, adapter, ema)
 
     # -- run directory: fresh or resumed ---------------------------------------------------------
-    run = RunDir(Path(out) if out is not None else _default_out(cfg), comm)
-    step = 0
+    run = RunDir(Path(out) if out is not None else default_out(cfg), comm)
     if resume is not None:
-        step = _resume(run, params, optimizer, scheduler, ema, order, generator, adapter, comm)
+        checkpoint.restore(state, run.checkpoints, comm)
+        run.truncate_metrics(state.step)
     else:
         run.start(cfg)
         if cfg.eval.num_prompts > 0:
             run.write_eval("before", evaluate(adapter, reward_fns, weights, held_out, cfg, comm, run, "before"))
 
     # -- training -------------------------------------------------------------------------------
-    bar = _progress(cfg.train.max_steps, step, progress and comm.is_main)
-    while step < cfg.train.max_steps:
+    bar = _progress(cfg.train.max_steps, state.step, progress and comm.is_main)
+    while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         rollout, stats = collect_rollout(adapter, reward_fns, weights, train_prompts, order, generator, cfg, comm)
         t_train = time.perf_counter()
@@ -145,39 +135,39 @@ def train(
                 autocast=comm.autocast,
             )
             comm.mean_gradients(list(params.values()))
-            grad_norm = _clip_gradients(params, cfg.optim.grad_clip)
+            grad_norm = clip_gradients(params, cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update(params, scheduler.last_epoch)
-        step += 1
+        state.step += 1
         now = time.perf_counter()
-        stats = {"step": step, **stats, **loss_stats, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
+        stats = {"step": state.step, **stats, **loss_stats, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
         stats.update({"time/train": now - t_train, "time/step": now - t0})
         run.log(stats)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", loss=f"{stats['loss']:.4f}")
-        if cfg.train.gallery_every and step % cfg.train.gallery_every == 0:
-            run.write_gallery(adapter, rollout, f"train_step{step:06d}", cfg.eval.gallery)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            run.save_checkpoint(step, params, optimizer, scheduler, ema, order, generator, adapter, cfg)
+        if cfg.train.gallery_every and state.step % cfg.train.gallery_every == 0:
+            run.write_gallery(adapter, rollout, f"train_step{state.step:06d}", cfg.eval.gallery)
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
+            checkpoint.save(state, run.checkpoints, comm, keep=cfg.train.keep_checkpoints)
     bar.close()
 
     # -- after --------------------------------------------------------------------------------------
     if cfg.eval.num_prompts > 0:
-        with _ema_weights(ema, params):
+        with ema_weights(ema, params):
             run.write_eval("after", evaluate(adapter, reward_fns, weights, held_out, cfg, comm, run, "after"))
     comm.barrier()
     if comm.is_main:
         run.finish(primary)
-    return RunResult(run.path, run.read_metrics(), run.read_eval())
+    return run.result()
 
 
 # ------------------------------------------------------------------------------- one rollout
 
 
 def sample_global_batch(
-    adapter: Any, batch: Sequence[Any], group_size: int, generator: torch.Generator, comm: Collective
+    adapter: Adapter, batch: Sequence[Any], group_size: int, generator: torch.Generator, comm: Collective
 ) -> Rollout:
     """This process's rows of the global batch (B prompts x G samples), group ids = prompt index."""
     calls = batched_runs(local_runs(len(batch), group_size, comm.world_size, comm.rank))
@@ -191,7 +181,7 @@ def sample_global_batch(
 
 
 def collect_rollout(
-    adapter: Any,
+    adapter: Adapter,
     reward_fns: Mapping[str, Callable],
     weights: torch.Tensor,
     train_prompts: Sequence[Any],
@@ -228,7 +218,7 @@ def collect_rollout(
         zero_std = zero_std_groups(total, all_groups)  # [groups], sorted ids
         informative = torch.unique(all_groups)[~zero_std]  # group ids
         if r == 0:
-            stats = _reward_stats(all_rewards, total, all_subs, list(reward_fns), zero_std)
+            stats = reward_stats(all_rewards, total, all_subs, list(reward_fns), zero_std)
         local_parts.append(local)
         global_rewards.append(all_rewards)
         global_groups.append(all_groups)
@@ -270,37 +260,11 @@ def collect_rollout(
     return local, stats
 
 
-def _reward_stats(
-    rewards: torch.Tensor, total: torch.Tensor, subs: dict[str, torch.Tensor], names: list[str], zero_std: torch.Tensor
-) -> dict[str, Any]:
-    stats = {
-        "reward/mean": _nanmean(total),
-        "reward/std": _nanstd(total),
-        "reward/unscored": int(torch.isnan(total).sum()),
-        "frac_zero_std": zero_std.float().mean().item(),
-    }
-    for k, name in enumerate(names):
-        stats[f"reward/{name}/mean"] = _nanmean(rewards[:, k])
-    for name, values in subs.items():
-        stats[f"reward/{name}/mean"] = _nanmean(values)
-    return stats
-
-
-def _nanmean(x: torch.Tensor) -> float | None:
-    v = x[~torch.isnan(x)]
-    return v.mean().item() if v.numel() else None
-
-
-def _nanstd(x: torch.Tensor) -> float | None:
-    v = x[~torch.isnan(x)]
-    return v.std().item() if v.numel() > 1 else 0.0
-
-
 # ------------------------------------------------------------------------------- the update
 
 
 def accumulate_gradients(
-    adapter: Any,
+    adapter: Adapter,
     rollout: Rollout,
     loss_cfg: LossConfig,
     *,
@@ -342,12 +306,11 @@ def accumulate_gradients(
             chunks = [active[i : i + step_chunk] for i in range(0, len(active), step_chunk)]
         for steps in chunks:
             with autocast():
-                scores = adapter.log_prob(sub, steps)
-            logp, mean, std = _unpack(scores)  # [m, S]
-            device = logp.device
+                scores = _as_step_scores(adapter.log_prob(sub, steps))
+            device = scores.log_probs.device
             m = sub_mask[:, steps].to(device)  # [m, S]
             terms = policy_loss(
-                logp,
+                scores.log_probs,  # [m, S]
                 sub.log_probs[:, steps].to(device),
                 advantages[rows].to(device),
                 m,
@@ -359,12 +322,8 @@ def accumulate_gradients(
             kl = None
             if loss_cfg.beta > 0:
                 with torch.no_grad(), adapter.reference(), autocast():
-                    ref = adapter.log_prob(sub, steps)
-                ref_logp, ref_mean, _ = _unpack(ref)
-                if loss_cfg.kl_closed_form and mean is not None and ref_mean is not None:
-                    kl = gaussian_kl(mean, ref_mean, std)  # [m, S]
-                else:
-                    kl = kl_penalty(logp, ref_logp.to(device), loss_cfg.kl_estimator)  # [m, S]
+                    ref = _as_step_scores(adapter.log_prob(sub, steps))
+                kl = _kl_to_reference(scores, ref, loss_cfg, adapter)  # [m, S]
                 per_step = per_step + loss_cfg.beta * kl
             w = weights[rows][:, steps].to(device)  # [m, S]
             loss = (w * per_step).sum()
@@ -387,309 +346,50 @@ def accumulate_gradients(
     }
 
 
-def _unpack(scores: torch.Tensor | StepScores) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _as_step_scores(scores: torch.Tensor | StepScores) -> StepScores:
     if isinstance(scores, StepScores):
-        return scores.log_probs.float(), scores.mean, scores.std
-    return scores.float(), None, None
+        return scores._replace(log_probs=scores.log_probs.float())
+    return StepScores(scores.float())
 
 
-def _clip_gradients(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> float:
-    grads = [p for p in params.values() if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else math.inf)
-    return float(norm)
-
-
-# ------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    adapter: Any,
-    reward_fns: Mapping[str, Callable],
-    weights: torch.Tensor,
-    prompts: Sequence[Any],
-    cfg: Config,
-    comm: Collective,
-    run: "RunDir | None" = None,
-    tag: str = "eval",
-) -> dict[str, Any]:
-    """Mean rewards on the first eval.num_prompts held-out prompts with a fixed seed."""
-    prompts = list(prompts)[: cfg.eval.num_prompts]
-    if not prompts:
+def _kl_to_reference(scores: StepScores, ref: StepScores, loss_cfg: LossConfig, adapter: Adapter) -> torch.Tensor:
+    """Per-step KL to the reference [m, S]: the Gaussian closed form where both sides give their means
+    (scaled by loss.kl_convention), else the sample estimator loss.kl_estimator."""
+    closed_form = loss_cfg.kl_closed_form and scores.mean is not None and ref.mean is not None
+    if loss_cfg.kl_convention == "flow_grpo" and (not closed_form or scores.step_size is None):
         raise ConfigError(
-            "no held-out prompts to evaluate on: pass eval_prompts=..., set data.eval_source, or set eval.num_prompts=0"
+            "loss.kl_convention=flow_grpo scales the closed-form Gaussian KL by each step's size, but "
+            f"{type(adapter).__name__}.log_prob returns no Gaussian step sizes (StepScores.step_size): "
+            "use loss.kl_convention=exact"
         )
-    result: dict[str, Any] = {}
-    if comm.is_main:
-        device = comm.accelerator.device if comm.accelerator else torch.device("cpu")
-        generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
-        parts = []
-        for i in range(0, len(prompts), cfg.eval.batch_size):
-            batch = prompts[i : i + cfg.eval.batch_size]
-            with comm.autocast():
-                parts.append(adapter.sample(batch, cfg.eval.samples_per_prompt, generator, evaluate=True))
-        rollout = Rollout.concat(parts)
-        components, subs = score_rollout(reward_fns, rollout.samples, rollout.prompts)
-        result = {"num_samples": len(rollout), "reward/mean": _nanmean(weighted_sum(components, weights))}
-        for k, name in enumerate(reward_fns):
-            result[f"reward/{name}/mean"] = _nanmean(components[:, k])
-        for name, values in subs.items():
-            result[f"reward/{name}/mean"] = _nanmean(values)
-        rollout.rewards = {name: components[:, k] for k, name in enumerate(reward_fns)}
-        # each reward per sample (None: unscored), so finish() can pair the before and after evaluations
-        result["per_sample"] = {
-            name: [None if math.isnan(x) else x for x in values.tolist()] for name, values in rollout.rewards.items()
-        }
-        if run is not None:
-            run.write_gallery(adapter, rollout, tag, cfg.eval.gallery)
-    comm.barrier()
-    return result
+    if closed_form:
+        return gaussian_kl(
+            scores.mean, ref.mean, scores.std, convention=loss_cfg.kl_convention, step_size=scores.step_size
+        )  # [m, S]
+    return kl_penalty(scores.log_probs, ref.log_probs.to(scores.log_probs.device), loss_cfg.kl_estimator)  # [m, S]
 
 
-# ------------------------------------------------------------------------------- run directory
+# ------------------------------------------------------------------------------- set-up
 
 
-class RunDir:
-    """config.yaml, metrics.jsonl, eval.json, samples/, checkpoints/ of one run (main process writes)."""
+def build_adapter(cfg: Config) -> Adapter:
+    """The adapter named by pipeline.name, built from pipeline.kwargs.
 
-    def __init__(self, path: Path, comm: Collective) -> None:
-        self.path, self.comm = path, comm
-        self.metrics_path = path / "metrics.jsonl"
-        self.eval_path = path / "eval.json"
-        self.checkpoints = path / "checkpoints"
-        self.samples = path / "samples"
-
-    def start(self, cfg: Config) -> None:
-        if self.comm.is_main:
-            if self.metrics_path.exists() or self.checkpoints.exists():
-                raise ConfigError(
-                    f"run directory '{self.path}' already holds a run: use --resume {self.path} "
-                    "to continue it, or another --out"
-                )
-            for d in (self.path, self.checkpoints, self.samples):
-                d.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.yaml").write_text(dump_config(cfg))
-            self.metrics_path.write_text("")
-        self.comm.barrier()
-
-    def log(self, stats: dict[str, Any]) -> None:
-        if self.comm.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after `step` (they belong to the run that did not reach a checkpoint)."""
-        if self.comm.is_main:
-            kept = [m for m in self.read_metrics() if m["step"] <= step]
-            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-
-    def read_eval(self) -> dict[str, Any]:
-        return json.loads(self.eval_path.read_text()) if self.eval_path.is_file() else {}
-
-    def write_eval(self, tag: str, result: dict[str, Any]) -> None:
-        if self.comm.is_main:
-            data = self.read_eval()
-            data[tag] = result
-            checkpoint.atomic_write_text(self.eval_path, json.dumps(data, indent=2) + "\n")
-
-    def write_gallery(self, adapter: Any, rollout: Rollout, tag: str, count: int) -> None:
-        """samples/<tag>.jsonl (prompt, sample or exported file, rewards) + exported files."""
-        if not self.comm.is_main or count <= 0:
-            return
-        folder = self.samples / tag
-        lines = []
-        for i in range(min(count, len(rollout))):
-            entry: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i])}
-            entry["rewards"] = {k: _json_float(v[i]) for k, v in rollout.rewards.items()}
-            sample = rollout.samples[i]
-            if hasattr(adapter, "export") and not isinstance(sample, str):  # text stays inline
-                folder.mkdir(parents=True, exist_ok=True)
-                entry["file"] = str(Path(adapter.export(sample, folder / f"{i:03d}")).relative_to(self.path))
-            else:
-                entry["sample"] = sample if isinstance(sample, (str, int, float, list, dict)) else repr(sample)
-            lines.append(json.dumps(entry))
-        self.samples.mkdir(parents=True, exist_ok=True)
-        (self.samples / f"{tag}.jsonl").write_text("\n".join(lines) + "\n")
-
-    def save_checkpoint(self, step, params, optimizer, scheduler, ema, order, generator, adapter, cfg) -> None:
-        stage = checkpoint.staging_dir(self.checkpoints, step)
-        if self.comm.is_main:
-            shutil.rmtree(stage, ignore_errors=True)  # left over by a crash mid-write
-            stage.mkdir(parents=True)
-        self.comm.barrier()
-        checkpoint.write_rank(stage, self.comm.rank, generator)
-        if self.comm.is_main:
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "order": order.state_dict(),
-                "ema_updates": ema.updates if ema else 0,
-                "world_size": self.comm.world_size,
-            }
-            sampler_state = adapter.sampler_state() if hasattr(adapter, "sampler_state") else None
-            checkpoint.write_main(
-                stage, params=params, ema=ema.shadow if ema else None, trainer_state=state, adapter_state=sampler_state
-            )
-        self.comm.barrier()
-        if self.comm.is_main:
-            checkpoint.publish(self.checkpoints, step, cfg.train.keep_checkpoints)
-        self.comm.barrier()
-
-    def finish(self, primary: str) -> None:
-        from mmgrpo.plotting import plot_metrics
-
-        plot_metrics(self.metrics_path, self.path / "rewards.png")
-        ev = self.read_eval()
-        key = f"reward/{primary}/mean"
-        if "before" in ev and "after" in ev and ev["before"].get(key) is not None:
-            before, after = ev["before"][key], ev["after"][key]
-            rel = (after - before) / abs(before) if before else math.inf
-            ev["primary"] = {"reward": primary, "before": before, "after": after, "relative_gain": rel}
-            samples = [ev[tag].get("per_sample", {}).get(primary) for tag in ("before", "after")]
-            # pairing needs both evaluations per sample, of the same length (a run resumed from an older
-            # version has none for "before"; one resumed with another eval.num_prompts has other lengths)
-            paired = paired_gain(*samples) if all(samples) and len(samples[0]) == len(samples[1]) else None
-            ev["primary"]["paired"] = paired
-            checkpoint.atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
-            ci = paired["relative_ci95"] if paired else None
-            ci_text = f", 95% CI {ci[0]:+.1%} to {ci[1]:+.1%} over {paired['n']} paired samples" if ci else ""
-            print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}{ci_text}); run saved in {self.path}")
-
-
-def _resume(run, params, optimizer, scheduler, ema, order, generator, adapter, comm) -> int:
-    path = checkpoint.latest(run.checkpoints)
-    if path is None:
-        raise ConfigError(f"nothing to resume: '{run.checkpoints}' has no checkpoint")
-    state = checkpoint.load(path, comm.rank)
-    if state["world_size"] != comm.world_size:
-        raise ConfigError(
-            f"checkpoint {path} was written by {state['world_size']} processes; resume with the same number"
-        )
-    missing = set(params) ^ set(state["params"])
-    if missing:
-        raise ConfigError(f"checkpoint {path} does not match the adapter's trainable weights: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["params"][name].to(p.device, p.dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    order.load_state_dict(state["order"])
-    generator.set_state(state["generator"])
-    if ema is not None and state["ema"] is not None:
-        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        ema.updates = state["ema_updates"]
-    if state["adapter"] is not None and hasattr(adapter, "load_sampler_state"):
-        adapter.load_sampler_state(state["adapter"])
-    checkpoint.restore_global_rng(state["global_rng"])
-    run.truncate_metrics(state["step"])
-    return state["step"]
-
-
-# ------------------------------------------------------------------------------- helpers
-
-
-def build_adapter(cfg: Config) -> Any:
+    When the class declares an `Options` dataclass, pipeline.kwargs is checked against it first,
+    so a mistyped key stops with one line naming it and the closest valid key, before anything is
+    built or written. Errors raised inside the constructor are the adapter's own and propagate.
+    """
     try:
         cls = resolve(cfg.pipeline.name, ADAPTERS, "pipeline")
+        options = getattr(cls, "Options", None)
+        if options is not None and dataclasses.is_dataclass(options):
+            from_dict(options, cfg.pipeline.kwargs, "pipeline.kwargs")
         return cls(**expand_assets(cfg.pipeline.kwargs))
     except ModuleNotFoundError as e:
         raise missing_dependency("pipeline", cfg.pipeline.name, e) from None
-    except TypeError as e:
-        raise ConfigError(f"pipeline '{cfg.pipeline.name}': bad pipeline.kwargs ({e})") from None
-
-
-def _rewards_and_weights(cfg: Config, rewards: Any) -> tuple[dict[str, Callable], torch.Tensor]:
-    if rewards is None:
-        fns = build_rewards(cfg.rewards)
-    elif callable(rewards) and not isinstance(rewards, Mapping):
-        fns = {getattr(rewards, "__name__", type(rewards).__name__): rewards}
-    elif isinstance(rewards, Mapping):
-        fns = dict(rewards)
-    else:
-        fns = {getattr(f, "__name__", type(f).__name__): f for f in rewards}
-    if not fns:
-        raise ConfigError("no rewards: list at least one under 'rewards'")
-    by_name = {reward_key(r.name): r.weight for r in cfg.rewards}
-    weights = torch.tensor([by_name.get(name, 1.0) for name in fns], dtype=torch.float32)
-    return fns, weights
-
-
-def _named_parameters(adapter: Any) -> dict[str, torch.nn.Parameter]:
-    params = adapter.trainable_parameters()
-    if not isinstance(params, Mapping):
-        params = {str(i): p for i, p in enumerate(params)}
-    params = {k: p for k, p in params.items() if p.requires_grad}
-    if not params:
-        raise ConfigError(f"{type(adapter).__name__}.trainable_parameters() returned no trainable weights")
-    return params
-
-
-def _validate(cfg: Config) -> None:
-    t = cfg.train
-    for key in ("max_steps", "prompts_per_step", "group_size", "micro_batch_size", "num_iterations", "checkpoint_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
-    if t.group_size < 2 and cfg.advantage.estimator != "ngrpo":
-        raise ConfigError("train.group_size must be at least 2: group-relative advantages of one sample are 0")
-    if cfg.loss.ratio == "sequence" and t.step_chunk:
-        raise ConfigError("loss.ratio=sequence (GSPO) scores all steps at once: remove train.step_chunk")
-    if t.num_threads is not None and t.num_threads < 1:
-        raise ConfigError(f"train.num_threads must be at least 1 (or null for torch's default), got {t.num_threads}")
-    if t.step_chunk is not None and t.step_chunk < 1:
-        raise ConfigError(f"train.step_chunk must be at least 1 (or null for all steps), got {t.step_chunk}")
-    if cfg.loss.eps_low <= 0 or (cfg.loss.eps_high is not None and cfg.loss.eps_high <= 0):
-        raise ConfigError("loss.eps_low and loss.eps_high must be > 0")
-
-
-def _schedule(cfg: Config, total: int) -> Callable[[int], float]:
-    warmup, kind = cfg.optim.warmup_steps, cfg.optim.schedule
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        progress = (i - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return factor
-
-
-def _default_out(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.modality}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-class _ema_weights:
-    """Context: the EMA weights are live inside (no-op without EMA)."""
-
-    def __init__(self, ema: checkpoint.EMA | None, params: dict[str, torch.nn.Parameter]) -> None:
-        self.ema, self.params = ema, params
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.ema.swap(self.params)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ema is not None:
-            self.ema.swap(self.params)
-
-
-def _json_float(x: torch.Tensor) -> float | None:
-    v = float(x)
-    return None if math.isnan(v) else v
