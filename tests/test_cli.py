@@ -38,6 +38,14 @@ def test_mistyped_key_is_one_line_without_traceback(tmp_path):
     assert lines == ["mmgrpo: error: unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?)"]
 
 
+def test_mistyped_adapter_option_is_one_line_without_traceback(tmp_path):
+    out = run("train", "--modality", "toy", "--set", "pipeline.kwargs.hiden=8", "--out", str(tmp_path / "r"))
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert lines == ["mmgrpo: error: unknown config key 'pipeline.kwargs.hiden' (did you mean 'pipeline.kwargs.hidden'?)"]
+    assert not (tmp_path / "r").exists()
+
+
 def test_train_resume_and_plot(tmp_path):
     out_dir = tmp_path / "run"
     small = ["--set", "train.prompts_per_step=4", "--set", "train.group_size=4", "--set", "eval.num_prompts=4",

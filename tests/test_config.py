@@ -108,3 +108,42 @@ def test_missing_optional_package_names_the_extra(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"needs the package 'package_that_is_not_installed'.*pip install 'mmgrpo\[dev\]'"):
         train({"pipeline": {"name": f"{adapter_file}:NeedsPackage"}}, out=tmp_path / "run", progress=False)
+
+
+def test_flow_grpo_betas_come_with_their_kl_convention():
+    for name in ("sd3", "flux", "wan"):  # betas from Flow-GRPO assume its KL scale
+        assert load_config(config_dir() / f"{name}.yaml").loss.kl_convention == "flow_grpo", name
+    assert load_config("toy").loss.kl_convention == "exact"
+    with pytest.raises(ConfigError, match=r"loss\.kl_convention = 'flow-grpo' is not one of .*did you mean 'flow_grpo'"):
+        load_config("toy", ["loss.kl_convention=flow-grpo"])
+
+
+def test_validate_rejects_inconsistent_settings():
+    from mmgrpo.config import validate
+
+    validate(load_config("toy"))
+    with pytest.raises(ConfigError, match="train.group_size must be at least 2"):
+        validate(load_config("toy", ["train.group_size=1"]))
+    with pytest.raises(ConfigError, match=r"set loss\.kl_closed_form=true or loss\.kl_convention=exact"):
+        validate(load_config("toy", ["loss.beta=0.1", "loss.kl_convention=flow_grpo", "loss.kl_closed_form=false"]))
+
+
+def test_dataclass_checks_become_config_errors():
+    from dataclasses import dataclass
+
+    from mmgrpo.config import from_dict
+
+    @dataclass
+    class Options:
+        path: str
+        rate: float = 1.0
+
+        def __post_init__(self):
+            if self.rate <= 0:
+                raise ValueError(f"rate must be > 0, got {self.rate}")
+
+    assert from_dict(Options, {"path": "x"}, "pipeline.kwargs").rate == 1.0
+    with pytest.raises(ConfigError, match=r"^missing config key 'pipeline\.kwargs\.path'"):
+        from_dict(Options, {"rate": 2.0}, "pipeline.kwargs")
+    with pytest.raises(ConfigError, match=r"^pipeline\.kwargs: rate must be > 0, got -1"):
+        from_dict(Options, {"path": "x", "rate": -1}, "pipeline.kwargs")

@@ -80,6 +80,46 @@ def test_gaussian_kl_matches_torch_distributions():
     assert torch.allclose(gaussian_kl(mean, ref, std), expected, atol=1e-6)
 
 
+def _sde_steps():
+    """Two rows, 2 SDE steps of known mean gap d (per dim), noise scale g and |dt|: std = g sqrt(|dt|)."""
+    d = torch.tensor([[0.3, -0.2], [0.1, 0.4]])  # [n, S] mean gap, the same on every dim
+    g = torch.tensor([0.7, 0.5])  # [S]
+    dt = torch.tensor([0.04, 0.25])  # [S] |sigma_next - sigma|
+    ref = torch.zeros(2, 2, 3, 4)  # [n, S, *D]
+    mean = ref + d[:, :, None, None]  # [n, S, *D]
+    std = (g * dt.sqrt())[None, :, None, None]  # [1, S, 1, 1]
+    return mean, ref, std, d, g, dt.expand(2, 2)
+
+
+def test_gaussian_kl_exact_convention_divides_by_the_step_variance():
+    mean, ref, std, d, g, dt = _sde_steps()
+    expected = d**2 / (2 * g**2 * dt)  # mean((mu - mu_ref)^2) / (2 g^2 |dt|), FlowSE-GRPO's form
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), expected)
+    torch.testing.assert_close(gaussian_kl(mean, ref, std, convention="exact", step_size=dt), expected)
+
+
+def test_gaussian_kl_flow_grpo_convention_divides_by_g_squared():
+    mean, ref, std, d, g, dt = _sde_steps()
+    expected = d**2 / (2 * g**2)  # Flow-GRPO: ||mu - mu_ref||^2 / (2 std_dev_t^2) with std_dev_t = g
+    torch.testing.assert_close(gaussian_kl(mean, ref, std, convention="flow_grpo", step_size=dt), expected)
+
+
+def test_kl_conventions_differ_by_one_over_dt():
+    mean, ref, std, _, _, dt = _sde_steps()
+    exact = gaussian_kl(mean, ref, std, convention="exact")
+    flow = gaussian_kl(mean, ref, std, convention="flow_grpo", step_size=dt)
+    torch.testing.assert_close(exact / flow, 1 / dt)  # 25x at |dt| = 0.04, 4x at 0.25
+    assert (exact / flow)[0, 0].item() == pytest.approx(25.0, rel=1e-5)
+
+
+def test_flow_grpo_convention_needs_step_sizes():
+    mean, ref, std, *_ = _sde_steps()
+    with pytest.raises(ValueError, match="step_size"):
+        gaussian_kl(mean, ref, std, convention="flow_grpo")
+    with pytest.raises(ValueError, match="unknown KL convention"):
+        gaussian_kl(mean, ref, std, convention="flowgrpo")
+
+
 # Worked example: 2 rows, T = 3, row 0 has 2 active steps, row 1 has 1.
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
 LOSS = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])

@@ -1,9 +1,14 @@
-"""The training loop end to end on small CPU runs: run directory, resume, Python API, dynamic sampling."""
+"""The training loop end to end on small CPU runs: run directory, resume, Python API, dynamic sampling.
+
+Tests that only read a finished run share the module's `small_run`; tests that change a run copy it first.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import textwrap
 
 import pytest
 import torch
@@ -11,8 +16,9 @@ from safetensors.torch import load_file
 
 import mmgrpo
 from mmgrpo.config import ConfigError
+from mmgrpo.protocols import StepScores
 from mmgrpo.rollout import Rollout
-from mmgrpo.trainer import TIME_KEYS, train
+from mmgrpo.trainer import TIME_KEYS, accumulate_gradients, train
 
 SMALL = [
     "train.max_steps=4",
@@ -29,9 +35,27 @@ def _without_time(metrics):
     return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in metrics]
 
 
-def test_run_directory_layout(tmp_path):
-    out = tmp_path / "run"
-    result = train("toy", out=out, overrides=SMALL, progress=False)
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The SMALL toy run (4 steps, checkpoints at 2 and 4), trained once for the tests that read it."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    return train("toy", out=out, overrides=SMALL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory):
+    """The SMALL run stopped after its checkpoint at step 2; copy it (`_copy`) before resuming it."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    return train("toy", out=out, overrides=SMALL + ["train.max_steps=2"], progress=False)
+
+
+def _copy(run, dest):
+    shutil.copytree(run.out_dir, dest)
+    return dest
+
+
+def test_run_directory_layout(small_run):
+    result, out = small_run, small_run.out_dir
     assert (out / "config.yaml").is_file()
     assert mmgrpo.load_config(out / "config.yaml").train.max_steps == 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -54,19 +78,19 @@ def test_run_directory_layout(tmp_path):
     assert result.metrics == metrics
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train("toy", out=tmp_path / "a", overrides=SMALL, progress=False)
-    train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=2"], progress=False)
+def test_resume_continues_exactly(tmp_path, small_run, half_run):
+    straight = small_run
+    _copy(half_run, tmp_path / "b")
     # Step 3 runs in the first attempt, then the process dies before the next checkpoint.
     resumed = train(None, resume=tmp_path / "b", max_steps=4, progress=False)
     assert _without_time(resumed.metrics) == _without_time(straight.metrics)
-    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_000004" / "trainable.safetensors"))
+    a = load_file(str(straight.out_dir / "checkpoints" / "step_000004" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_000004" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_drops_metrics_after_the_checkpoint(tmp_path):
-    train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=2"], progress=False)
+def test_resume_drops_metrics_after_the_checkpoint(tmp_path, half_run):
+    _copy(half_run, tmp_path / "b")
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step logged by a run that then crashed
         f.write(json.dumps({"step": 3, "reward/mean": 0.0, "loss": 0.0}) + "\n")
     resumed = train(None, resume=tmp_path / "b", max_steps=3, progress=False)
@@ -74,10 +98,54 @@ def test_resume_drops_metrics_after_the_checkpoint(tmp_path):
     assert "grad_norm" in resumed.metrics[-1]
 
 
-def test_existing_run_directory_is_not_overwritten(tmp_path):
-    train("toy", out=tmp_path / "a", overrides=SMALL + ["train.max_steps=1"], progress=False)
+def test_existing_run_directory_is_not_overwritten(small_run):
+    before = (small_run.out_dir / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="--resume"):
-        train("toy", out=tmp_path / "a", overrides=SMALL, progress=False)
+        train("toy", out=small_run.out_dir, overrides=SMALL, progress=False)
+    assert (small_run.out_dir / "metrics.jsonl").read_text() == before
+
+
+def test_mistyped_adapter_option_stops_before_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^unknown config key 'pipeline\.kwargs\.hiden' \(did you mean 'pipeline\.kwargs\.hidden'\?\)$"):
+        train("toy", out=out, overrides=SMALL + ["pipeline.kwargs.hiden=8"], progress=False)
+    with pytest.raises(ConfigError, match=r"pipeline\.kwargs\.hidden must be an integer"):
+        train("toy", out=out, overrides=SMALL + ["pipeline.kwargs.hidden=wide"], progress=False)
+    with pytest.raises(ConfigError, match=r"^pipeline\.kwargs: .*temperature must be > 0"):
+        train("toy", out=out, overrides=SMALL + ["pipeline.kwargs.temperature=0"], progress=False)
+    assert not out.exists()
+
+
+ADAPTER_FILE = """
+from dataclasses import dataclass
+
+
+@dataclass
+class WidthOptions:
+    width: int = 4
+
+
+class Optioned:
+    Options = WidthOptions
+
+    def __init__(self, **kwargs):
+        raise AssertionError("constructed although pipeline.kwargs did not match Options")
+
+
+class Buggy:  # no Options: a user adapter, built as before; its own TypeError must surface as is
+    def __init__(self, width=4):
+        len(width)
+"""
+
+
+def test_adapter_options_checked_first_and_constructor_errors_propagate(tmp_path):
+    path = tmp_path / "adapters.py"
+    path.write_text(textwrap.dedent(ADAPTER_FILE))
+    with pytest.raises(ConfigError, match=r"did you mean 'pipeline\.kwargs\.width'"):
+        train({"pipeline": {"name": f"{path}:Optioned", "kwargs": {"widht": 2}}}, out=tmp_path / "a", progress=False)
+    with pytest.raises(TypeError, match="object of type 'int' has no len"):
+        train({"pipeline": {"name": f"{path}:Buggy", "kwargs": {"width": 2}}}, out=tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---- a user's own adapter and reward, defined here, through the Python API ----------------------
@@ -202,11 +270,10 @@ def test_ema_weights_used_for_final_eval_and_restored(tmp_path):
     assert torch.equal(adapter.logits.detach(), live)  # the swap for eval was undone
 
 
-def test_crash_mid_checkpoint_leaves_the_previous_one(tmp_path):
+def test_crash_mid_checkpoint_leaves_the_previous_one(tmp_path, small_run):
     from mmgrpo import checkpoint
 
-    out = tmp_path / "run"
-    train("toy", out=out, overrides=SMALL, progress=False)
+    out = _copy(small_run, tmp_path / "run")
     root = out / "checkpoints"
     stage = checkpoint.staging_dir(root, 6)  # a write of step 6 that died half way
     stage.mkdir()
@@ -221,8 +288,8 @@ def test_crash_mid_checkpoint_leaves_the_previous_one(tmp_path):
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000004", "step_000006"]  # keep_checkpoints=2
 
 
-def test_two_runs_in_one_process_with_different_precision(tmp_path):
-    one = train("toy", out=tmp_path / "a", overrides=SMALL + ["train.max_steps=1"], progress=False)
+def test_two_runs_in_one_process_with_different_precision(tmp_path, small_run):
+    one = small_run
     two = train("toy", out=tmp_path / "b", overrides=SMALL + ["train.max_steps=1", "train.mixed_precision=bf16"],
                 progress=False)
     assert one.metrics[0]["ratio/mean"] == 1.0
@@ -233,7 +300,7 @@ def test_finish_without_per_sample_values_skips_the_interval(tmp_path):
     """A run resumed from a version that did not store per-sample rewards still finishes."""
     from types import SimpleNamespace
 
-    from mmgrpo.trainer import RunDir
+    from mmgrpo.rundir import RunDir
 
     run = RunDir(tmp_path, SimpleNamespace(is_main=True))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
@@ -242,3 +309,60 @@ def test_finish_without_per_sample_values_skips_the_interval(tmp_path):
     run.finish("r")
     primary = json.loads((tmp_path / "eval.json").read_text())["primary"]
     assert primary["relative_gain"] == pytest.approx(0.2) and primary["paired"] is None
+
+
+# ---- the closed-form KL conventions through accumulate_gradients, with hand-made StepScores ---------
+
+G_NOISE = torch.tensor([0.7, 0.5])  # [S] noise scale g of each SDE step
+DT = torch.tensor([0.04, 0.25])  # [S] |sigma_next - sigma|
+GAP = 0.3  # policy mean - reference mean, on every latent dim
+
+
+class GaussianSteps:
+    """Two Gaussian decision steps whose mean is the reference's + a learnable shift (GAP); std = g sqrt(|dt|)."""
+
+    def __init__(self, with_step_size=True):
+        self.shift = torch.nn.Parameter(torch.tensor(GAP))
+        self.with_step_size, self.use_ref = with_step_size, False
+
+    def log_prob(self, rollout, steps=None):
+        n, S = len(rollout), len(steps)
+        shift = torch.zeros(()) if self.use_ref else self.shift
+        mean = torch.zeros(n, S, 3) + shift  # [n, S, D]
+        std = (G_NOISE * DT.sqrt())[steps][None, :, None]  # [1, S, 1]
+        logp = rollout.log_probs[:, steps] + (shift - shift.detach())  # [n, S] on-policy, with a gradient
+        step_size = DT[steps].expand(n, S) if self.with_step_size else None  # [n, S]
+        return StepScores(logp, mean, std, step_size)
+
+    def trainable_parameters(self):
+        return {"shift": self.shift}
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.use_ref = True
+        yield
+        self.use_ref = False
+
+
+def _gaussian_rollout(n=4):
+    return Rollout(group_id=torch.zeros(n, dtype=torch.long), prompts=["p"] * n, samples=[0] * n,
+                   log_probs=torch.zeros(n, 2), mask=torch.ones(n, 2, dtype=torch.bool),
+                   advantages=torch.zeros(n))
+
+
+@pytest.mark.parametrize("convention", ["exact", "flow_grpo"])
+def test_kl_convention_reaches_the_loss(convention):
+    from mmgrpo.config import LossConfig
+
+    stats = accumulate_gradients(GaussianSteps(), _gaussian_rollout(), LossConfig(beta=0.1, kl_convention=convention),
+                                 micro_batch_size=2, step_chunk=1)
+    per_step = GAP**2 / (2 * G_NOISE**2 * DT) if convention == "exact" else GAP**2 / (2 * G_NOISE**2)  # [S]
+    assert stats["kl"] == pytest.approx(per_step.mean().item(), rel=1e-5)  # every row and step is active
+
+
+def test_flow_grpo_convention_without_step_sizes_is_one_clear_error():
+    from mmgrpo.config import LossConfig
+
+    with pytest.raises(ConfigError, match=r"loss\.kl_convention=flow_grpo .*GaussianSteps.* no Gaussian step sizes"):
+        accumulate_gradients(GaussianSteps(with_step_size=False), _gaussian_rollout(),
+                             LossConfig(beta=0.1, kl_convention="flow_grpo"), micro_batch_size=4)

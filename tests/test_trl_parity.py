@@ -1,6 +1,6 @@
 """Parity with TRL: mmgrpo's GRPO losses equal TRL GRPOTrainer's on identical inputs, and the
 VLMAdapter's per-token log-probs (and their gradients) equal TRL's on the same model. The last
-test smoke-runs the benchmark `python -m mmgrpo.bench.vlm_vs_trl --quick` (~30 s).
+test (slow: `pytest -m slow`) smoke-runs the benchmark `python -m mmgrpo.bench.vlm_vs_trl --quick` (~30 s).
 
 Loss parity:
 
@@ -324,6 +324,7 @@ def test_adapter_log_probs_and_gradients_match_trl(tiny_lm, tmp_path):
     assert max(g.abs().max() for g in their_grads.values()) > 1e-3
 
 
+@pytest.mark.slow  # ~20 s on two cores: trains both trainers; run with -m slow
 def test_benchmark_quick_mode_runs_both_trainers(tmp_path):
     """`python -m mmgrpo.bench.vlm_vs_trl --quick` (~30 s): both trainers train and are measured."""
     from mmgrpo.bench.vlm_vs_trl import main
