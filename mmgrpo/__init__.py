@@ -14,7 +14,7 @@ __all__ = ["train", "load_config", "Config", "ConfigError", "Rollout", "Adapter"
 
 _LAZY = {
     "train": "mmgrpo.trainer",
-    "RunResult": "mmgrpo.trainer",
+    "RunResult": "mmgrpo.rundir",
     "load_config": "mmgrpo.config",
     "Config": "mmgrpo.config",
     "ConfigError": "mmgrpo.config",
