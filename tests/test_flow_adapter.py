@@ -13,6 +13,7 @@ import torch
 from mmgrpo.pipelines.flow import sde
 from mmgrpo.pipelines.flow.adapter import FlowAdapter
 from mmgrpo.pipelines.flow.tiny import TEXT_LEN, tiny_pipeline
+from mmgrpo.pipelines.flow.window import tail_stops
 from mmgrpo.protocols import Adapter, StepScores
 from mmgrpo.rollout import Rollout
 
@@ -158,7 +159,7 @@ def test_cfg_is_one_batched_forward_and_the_guidance_formula(family):
     adapter.log_prob(rollout, [0, 1])
     assert calls == [16]  # 2 steps x N rows x (uncond, cond), in one forward
     handle.remove()
-    assert "negative_embeds" in rollout.shared
+    assert "negative_condition" in rollout.shared
 
     # the mean is affine in v = v_u + w (v_c - v_u), and w = 1 (CFG off) is the cond branch alone
     means = {}
@@ -174,7 +175,7 @@ def test_cfg_is_one_batched_forward_and_the_guidance_formula(family):
     calls, handle = count_forward(off.pipe.transformer)
     plain = off.sample(PROMPTS, 2, torch.Generator().manual_seed(6))
     handle.remove()
-    assert calls == [4] * 4 and "negative_embeds" not in plain.shared
+    assert calls == [4] * 4 and "negative_condition" not in plain.shared
     assert not torch.allclose(plain.samples[0], rollout.samples[0])
 
 
@@ -198,9 +199,9 @@ def test_fixed_window_masks_and_stores_only_trained_steps():
 
     # step 0 is an ODE (Euler) step: x_1 = x_0 + v(x_0, s_0) (s_1 - s_0), x_0 the initial noise
     sigmas = adapter._sigmas(5)
-    x0 = adapter.glue.init_latents(4, torch.Generator().manual_seed(7), adapter.device)
+    x0 = adapter.family.init_latents(4, {}, torch.Generator().manual_seed(7), adapter.device)
     with torch.no_grad():
-        emb = adapter._row_embeds(rollout.shared, ex["prompt_key"])
+        emb = adapter._row_conditions(rollout.shared, ex["prompt_key"])
         v = adapter._velocity(x0, sigmas[0].expand(4), emb)
     torch.testing.assert_close(ex["latents"][:, 0], x0 + v * (sigmas[1] - sigmas[0]))
 
@@ -213,8 +214,8 @@ def test_tail_steps_thin_the_ode_tail_only(same_noise):
     kw = dict(num_steps=8, window=2, window_start=1, same_noise_in_group=same_noise)
     thin, full = make("wan", tail_steps=2, **kw), make("wan", **kw)
     full.pipe.transformer.load_state_dict(thin.pipe.transformer.state_dict())
-    assert thin._stops(8, {1, 2}) == [0, 1, 2, 3, 6, 8] and thin._stops(8, set()) == list(range(9))
-    assert thin._stops(8, {5, 6}) == list(range(9))  # a tail of 1 step is not thinned
+    assert tail_stops(8, (1, 2), 2) == (0, 1, 2, 3, 6, 8) and tail_stops(8, (), 2) == tuple(range(9))
+    assert tail_stops(8, (5, 6), 2) == tuple(range(9))  # a tail of 1 step is not thinned
 
     calls, handle = count_forward(thin.pipe.transformer)
     a = thin.sample(PROMPTS, 2, torch.Generator().manual_seed(5))
@@ -229,7 +230,7 @@ def test_tail_steps_thin_the_ode_tail_only(same_noise):
     sigmas = thin._sigmas(8)
     thin.decode = False
     x = thin.sample(PROMPTS, 2, torch.Generator().manual_seed(5)).extras["latents"][:, -1]  # x at index 3
-    emb = thin._row_embeds(a.shared, a.extras["prompt_key"])
+    emb = thin._row_conditions(a.shared, a.extras["prompt_key"])
     with torch.no_grad():
         for i, j in ((3, 6), (6, 8)):
             x = x + thin._velocity(x, sigmas[i].expand(x.shape[0]), emb) * (sigmas[j] - sigmas[i])
@@ -309,8 +310,8 @@ def test_shared_noise_runs_the_ode_prefix_once_per_prompt(family):
     shared = make(family, same_noise_in_group=True, **kw)
     per_row = make(family, same_noise_in_group=False, **kw)
     per_row.pipe.transformer.load_state_dict(shared.pipe.transformer.state_dict())
-    draw = per_row.glue.init_latents  # draw B latents, as the shared path does, then repeat them
-    per_row.glue.init_latents = lambda n, gen, dev: draw(n // 3, gen, dev).repeat_interleave(3, dim=0)
+    draw = per_row.family.init_latents  # draw B latents, as the shared path does, then repeat them
+    per_row.family.init_latents = lambda n, cond, gen, dev: draw(n // 3, cond, gen, dev).repeat_interleave(3, dim=0)
 
     calls, handle = count_forward(shared.pipe.transformer)
     a = shared.sample(PROMPTS, 3, torch.Generator().manual_seed(13))
@@ -340,7 +341,7 @@ def test_each_prompt_is_encoded_once(family):
     rollout = adapter.sample(prompts, 4, torch.Generator().manual_seed(10))
     # 2 distinct prompts in one batch + the negative prompt (cached after the first call)
     assert all(sum(calls) == 3 for calls, _ in counters)
-    assert len(rollout.shared["prompt_embeds"]) == 2
+    assert len(rollout.shared["conditions"]) == 2
     keys = rollout.extras["prompt_key"]
     assert keys[0] == keys[8] and keys[0] != keys[4]
     for calls, _ in counters:
@@ -401,7 +402,7 @@ def test_decode_false_gives_latent_samples_and_export_decodes(tmp_path):
     decoded = make("sd3").sample(PROMPTS, 2, torch.Generator().manual_seed(15))
     assert rollout.samples[0].shape == (4, 16, 16)  # [C, h, w] latents (1-level tiny VAE: h = H)
     with torch.no_grad():
-        again = adapter.glue.decode(torch.stack(rollout.samples))  # [N, 3, H, W]
+        again = adapter.family.decode(torch.stack(rollout.samples))  # [N, 3, H, W]
     assert all(torch.equal(a, b) for a, b in zip(again, decoded.samples))
     path = adapter.export(rollout.samples[0], tmp_path / "z")
     assert path.endswith(".png") and os.path.getsize(path) > 0
@@ -451,3 +452,188 @@ def test_sliding_window_position_survives_a_checkpoint():
     resumed.load_sampler_state(first.sampler_state())
     start = lambda a: a.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)).mask[0].nonzero()[0].item()
     assert start(resumed) == start(first) == 1  # call 3 of slide_every=2: the window moved to step 1
+
+
+# --------------------------------------------------------------------------- step sizes, options, device
+
+
+def test_step_size_is_the_sigma_gap_of_each_stored_step():
+    adapter = make("sd3", num_steps=5, window=2, window_start=1)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(7))
+    sigmas = adapter._sigmas(5)
+    scores = adapter.log_prob(rollout, [0, 1, 2, 4])
+    assert scores.step_size.dtype == torch.float32 and scores.step_size.shape == (4, 4)
+    expected = torch.tensor([1.0, sigmas[1] - sigmas[2], sigmas[2] - sigmas[3], 1.0])  # 1 where nothing is stored
+    torch.testing.assert_close(scores.step_size, expected.expand(4, -1))
+    cps = make("sd3", kernel="cps")
+    scores = cps.log_prob(cps.sample(PROMPTS, 1, torch.Generator().manual_seed(0)), [3])
+    torch.testing.assert_close(scores.step_size, (cps._sigmas(4)[3] - cps._sigmas(4)[4]).expand(2, 1))
+
+
+def test_options_are_checked_like_config_keys():
+    from mmgrpo.config import ConfigError
+    from mmgrpo.pipelines.flow import FlowOptions
+
+    assert FlowAdapter.Options is FlowOptions
+    with pytest.raises(ConfigError, match="did you mean 'FlowAdapter.kernel'"):
+        make("sd3", kernal="sde")
+    with pytest.raises(ConfigError, match="FlowAdapter.num_steps must be an integer"):
+        make("sd3", num_steps="4")
+    with pytest.raises(ConfigError, match="window_mode"):
+        make("sd3", window=2, window_mode="slide")
+
+
+def test_to_moves_the_pipeline_and_drops_the_cached_negative_condition():
+    adapter = make("sd3", guidance_scale=2.0)
+    adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0))
+    assert adapter._negative is not None
+    assert adapter.to("cpu") is adapter and adapter._negative is None and adapter.device == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- export (export.py)
+
+
+def test_export_media_writes_images_gifs_and_contact_sheets(tmp_path):
+    from PIL import Image
+
+    from mmgrpo.pipelines.flow.export import export_media
+
+    image = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    path = export_media(image, tmp_path / "img")
+    assert path.endswith("img.png")
+    expected = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # [H, W, 3]
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
+
+    clip = torch.rand(3, 3, 4, 5, generator=torch.Generator().manual_seed(1))  # [F, 3, H, W]
+    sheet = export_media(clip, tmp_path / "sheet.png")
+    expected = (clip.permute(2, 0, 3, 1).reshape(4, 15, 3) * 255).round().to(torch.uint8).numpy()  # [H, F*W, 3]
+    assert np.array_equal(np.asarray(Image.open(sheet).convert("RGB")), expected)
+    gif = Image.open(export_media(clip, tmp_path / "clip.gif", fps=4))
+    assert gif.n_frames == 3 and gif.size == (5, 4) and gif.info["duration"] == 250
+    with pytest.raises(ValueError, match="image \\[3, H, W\\] or a video"):
+        export_media(torch.zeros(4, 5), tmp_path / "flat")
+
+
+# --------------------------------------------------------------------------- the family registry (families.py)
+
+
+class SignalNet(torch.nn.Module):
+    """A velocity model that is not a diffusers model: v(x, sigma | y) for 1-D signals [m, D]."""
+
+    def __init__(self, dim: int, hidden: int = 16):
+        super().__init__()
+        self.inp = torch.nn.Linear(2 * dim + 1, hidden)
+        self.out = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x, sigma, y):
+        return self.out(torch.tanh(self.inp(torch.cat([x, y, sigma[:, None].to(x.dtype)], dim=1))))  # [m, D]
+
+
+class SignalBundle:
+    """What a user hands FlowAdapter instead of a pipeline: here just the velocity model."""
+
+    def __init__(self, dim: int = 6, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = SignalNet(dim)
+
+
+S_MAX = 0.5
+
+
+def signal_family():
+    from mmgrpo.pipelines.flow.families import Family
+
+    class Signal(Family):
+        """Speech-enhancement-like: the condition is a noisy signal y (not text), the initial latents
+        are y + S_MAX z per row, and decoding rescales each row by its own condition's scale."""
+
+        @property
+        def model(self):
+            return self.pipeline.model
+
+        def encode(self, prompts, device):
+            y = torch.tensor([p["noisy"] for p in prompts], dtype=torch.float32, device=device)  # [b, D]
+            return {"y": y, "scale": y.abs().amax(dim=1, keepdim=True)}  # [b, D], [b, 1]
+
+        def init_latents(self, n, conditions, generator, device):
+            y = conditions["y"]  # [n, D]
+            assert y.shape[0] == n
+            return y + S_MAX * torch.randn(y.shape, generator=generator, device=generator.device).to(device)
+
+        def sigmas(self, num_steps):
+            return torch.linspace(1.0, 0.0, num_steps + 1)  # [T+1]
+
+        def forward(self, model, x, sigma, conditions):
+            return model(x, sigma, conditions["y"])  # [m, D]
+
+        def decode(self, latents, conditions=None):
+            return latents * conditions["scale"]  # [n, D]: needs each row's side information
+
+    return Signal
+
+
+SIGNALS = [{"noisy": [0.5, -1.0, 2.0, 0.0, 1.0, -0.5]}, {"noisy": [3.0, 1.0, -1.0, 0.5, 0.0, 2.0]}]
+
+
+@pytest.fixture
+def signal(monkeypatch):
+    """The Signal family registered for SignalBundle; the registry is restored after the test."""
+    from mmgrpo.pipelines.flow import families
+
+    monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))
+    monkeypatch.setattr(families, "PIPELINE_FAMILIES", dict(families.PIPELINE_FAMILIES))
+    cls = signal_family()
+    assert families.register_family("signal", cls, ["SignalBundle"]) is cls
+    return cls
+
+
+def make_signal(**kwargs) -> FlowAdapter:
+    kw = dict(num_steps=4, eval_steps=3, lora_rank=2, lora_alpha=4, lora_target_modules=["inp", "out"])
+    kw.update(kwargs)
+    return FlowAdapter(SignalBundle(), **kw)
+
+
+@pytest.mark.parametrize("same_noise", [False, True])
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_a_registered_non_text_family_samples_and_rescores_through_the_same_loop(signal, same_noise, finetune):
+    adapter = make_signal(same_noise_in_group=same_noise, finetune=finetune, window=2, window_start=0)
+    assert isinstance(adapter.family, signal) and adapter.family_name == "signal"
+    perturb_lora(adapter)
+    rollout = adapter.sample(SIGNALS, 3, torch.Generator().manual_seed(5))
+    assert len(rollout) == 6 and rollout.mask[:, :2].all() and not rollout.mask[:, 2:].any()
+    assert ratio_dev(adapter.log_prob(rollout).log_probs, rollout.log_probs) < 1e-6
+    assert ratio_dev(adapter.log_prob(rollout.select([4])).log_probs, rollout.log_probs[[4]]) < 1e-6
+
+    # the initial latents come from each row's condition: y + S_MAX z, z shared by a group with same_noise
+    y = torch.tensor([s["noisy"] for s in SIGNALS]).repeat_interleave(3, dim=0)  # [N, D]
+    z = torch.randn((2 if same_noise else 6, 6), generator=torch.Generator().manual_seed(5))
+    z = z.repeat_interleave(3, dim=0) if same_noise else z  # [N, D]
+    torch.testing.assert_close(rollout.extras["latents"][:, 0], y + S_MAX * z)
+
+    # decoding used each row's own side information (the scale of its condition); LoRA B = 0 and the
+    # full copies start from the same seed, so these two fresh adapters are the same policy
+    kw = dict(same_noise_in_group=same_noise, finetune=finetune, window=2)
+    decoded = torch.stack(make_signal(**kw).sample(SIGNALS, 3, torch.Generator().manual_seed(5)).samples)
+    latents = torch.stack(make_signal(decode=False, **kw).sample(SIGNALS, 3, torch.Generator().manual_seed(5)).samples)
+    torch.testing.assert_close(decoded, latents * y.abs().amax(dim=1, keepdim=True))  # [N, D]
+
+    if finetune == "full":  # move the trained weights away from the frozen copy
+        with torch.no_grad():
+            for p in adapter.trainable_parameters().values():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    with adapter.reference():  # LoRA off / the frozen copy: the policy before training
+        ref = adapter.log_prob(rollout).log_probs
+    assert (ref[:, :2] - adapter.log_prob(rollout).log_probs[:, :2]).abs().max() > 1e-4
+
+
+def test_family_registry_errors(signal):
+    from mmgrpo.pipelines.flow.families import register_family
+
+    with pytest.raises(ValueError, match="no unconditional condition"):
+        make_signal(guidance_scale=2.0)
+    with pytest.raises(ValueError, match="already driven by the flow family 'sd3'"):
+        register_family("mine", signal, ["StableDiffusion3Pipeline"])
+    with pytest.raises(TypeError, match="subclass of"):
+        register_family("mine", dict, ["Mine"])
+    with pytest.raises(ValueError, match=r"register_family\(name, YourFamily, \['object'\]\)"):
+        FlowAdapter(object())

@@ -234,3 +234,79 @@ def test_exact_kernel_without_a_positive_variance_is_an_error(s, s_next):
     rows = torch.tensor([0.5, s, 0.5])  # one bad row among good ones is enough
     with pytest.raises(ValueError, match=f"sigma={s:g} -> sigma_next={s_next:g}"):
         sde.transition("exact", x, v, rows, torch.tensor([0.25, s_next, 0.25]))
+
+
+# --------------------------------------------------------------------------- the SDE window plan (window.py)
+
+from mmgrpo.pipelines.flow import window as win  # noqa: E402
+
+
+def _no_draw(k: int) -> int:
+    raise AssertionError("only a random window draws")
+
+
+def _plan(num_steps, window, mode="fixed", start=0, max_start=None, slide_every=25, calls=0, draw=_no_draw, **kw):
+    return win.plan_window(num_steps, window, mode, start, max_start, slide_every, calls, draw, **kw)
+
+
+def test_fixed_window_and_no_window():
+    assert _plan(5, 2, start=1) == ((1, 2), (1, 2), (0, 1, 2, 3, 4, 5))
+    assert _plan(4, None) == ((0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3, 4))  # SDE everywhere
+    assert win.ode_plan(3) == ((), (), (0, 1, 2, 3))  # evaluation
+
+
+def test_random_window_draws_its_start_from_the_first_half():
+    asked = []
+
+    def last(k):
+        asked.append(k)
+        return k - 1
+
+    assert _plan(8, 2, "random", draw=last).sde_steps == (3, 4)  # starts 0 .. 8 // 2 - 1
+    assert _plan(8, 2, "random", max_start=1, draw=last).sde_steps == (1, 2)
+    assert _plan(4, 2, "random", max_start=10, draw=last).sde_steps == (2, 3)  # capped at num_steps - window
+    assert _plan(8, 2, "random", draw=lambda k: 0).sde_steps == (0, 1)
+    assert asked == [4, 2, 3]
+
+
+def test_sliding_window_moves_every_slide_every_calls_and_wraps():
+    starts = [_plan(4, 2, "sliding", slide_every=2, calls=c).sde_steps[0] for c in range(8)]
+    assert starts == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert [_plan(6, 2, "sliding", start=1, max_start=2, slide_every=1, calls=c).sde_steps[0] for c in range(4)] == [
+        1, 2, 0, 1]
+
+
+def test_timestep_fraction_trains_the_first_steps_only():
+    assert _plan(10, None, timestep_fraction=0.99).trained == tuple(range(9))  # Flow-GRPO: 10 steps -> 9
+    assert _plan(10, 3, start=7, timestep_fraction=0.9) == ((7, 8, 9), (7, 8), tuple(range(11)))
+    assert _plan(3, None, timestep_fraction=0.1).trained == (0,)  # at least the first step
+
+
+def test_tail_steps_thin_only_the_ode_tail_after_the_window():
+    assert _plan(8, 2, start=1, tail_steps=2).stops == (0, 1, 2, 3, 6, 8)  # 3 -> 5.5 -> 8: 5.5 rounds to 6
+    assert _plan(8, 2, start=1, tail_steps=1).stops == (0, 1, 2, 3, 8)
+    assert _plan(8, 2, start=5, tail_steps=2).stops == tuple(range(9))  # a 1-step tail is not thinned
+    assert _plan(8, None, tail_steps=2).stops == tuple(range(9))  # no tail without a window
+    assert win.tail_stops(8, (), 2) == tuple(range(9))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="nope"), "window_mode"), (dict(window=0), "window must be"), (dict(window=5), "window must be"),
+    (dict(slide_every=0), "slide_every"), (dict(start=3), "exceeds num_steps"), (dict(tail_steps=0), "tail_steps"),
+    (dict(timestep_fraction=0.0), "timestep_fraction"), (dict(timestep_fraction=1.5), "timestep_fraction"),
+    (dict(mode="random", window=1, max_start=3, timestep_fraction=0.25), "without a trained step"),
+])
+def test_window_options_no_rollout_can_follow_are_errors(kwargs, match):
+    args = dict(num_steps=4, window=2, mode="fixed", start=0, max_start=None, slide_every=25, timestep_fraction=1.0,
+                tail_steps=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        win.check_window(**args)
+
+
+def test_an_ode_kernel_needs_no_trained_step():
+    args = dict(num_steps=4, window=1, mode="fixed", start=3, max_start=None, slide_every=25, timestep_fraction=0.5,
+                tail_steps=None)
+    win.check_window(**args, trains=False)
+    with pytest.raises(ValueError, match="without a trained step"):
+        win.check_window(**args)

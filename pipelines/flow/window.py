@@ -1,0 +1,134 @@
+"""Which steps of a flow rollout are SDE steps, which are trained, and which sigmas it visits.
+
+Flow-GRPO-Fast / MixGRPO (ANCHORS.md section 1): the SDE runs only inside a window of a few
+steps and the ODE (Euler) elsewhere; only window steps are stored and trained. Pure functions of
+the options and of the number of training calls so far, so the plan is testable on its own:
+
+    plan = plan_window(10, window=2, mode="random", start=0, max_start=None, slide_every=25,
+                       calls=0, draw=lambda k: 3)          # draw(k): an index in range(k)
+    plan.sde_steps == (3, 4); plan.trained == (3, 4); plan.stops == (0, 1, ..., 10)
+
+Window modes: "fixed" starts at `start`; "random" at a start drawn from 0 .. max_start (default
+num_steps // 2 - 1: the first half); "sliding" at start + calls // slide_every, wrapping after
+max_start (default num_steps - window). Without a window (window=None) every step is SDE.
+timestep_fraction trains only the SDE steps among the first int(num_steps * fraction).
+tail_steps: the ODE tail after the window takes tail_steps larger Euler steps (their stops evenly
+spaced by index) instead of the schedule's own; evaluation rollouts use `ode_plan`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+WINDOW_MODES = ("fixed", "random", "sliding")
+
+
+class WindowPlan(NamedTuple):
+    """The steps of one rollout."""
+
+    sde_steps: tuple[int, ...]  # steps that take the SDE kernel (ascending); the others are Euler
+    trained: tuple[int, ...]  # SDE steps that are stored and trained (ascending, contiguous)
+    stops: tuple[int, ...]  # sigma indices visited: step k goes from stops[k] to stops[k + 1]
+
+
+def window_starts(num_steps: int, window: int | None, mode: str, start: int, max_start: int | None) -> list[int]:
+    """Every step a window can start at ([0] without a window)."""
+    if window is None:
+        return [0]
+    if mode == "fixed":
+        return [start]
+    default = max(num_steps // 2 - 1, 0) if mode == "random" else num_steps - window
+    top = min(default if max_start is None else max_start, num_steps - window)
+    return list(range(top + 1))
+
+
+def window_steps(num_steps: int, window: int | None, start: int) -> tuple[int, ...]:
+    """The SDE steps of a window starting at `start` (every step without a window)."""
+    if window is None:
+        return tuple(range(num_steps))
+    return tuple(range(start, start + window))
+
+
+def trained_steps(num_steps: int, sde_steps: tuple[int, ...], timestep_fraction: float) -> tuple[int, ...]:
+    """The SDE steps among the first int(num_steps * timestep_fraction) (at least the first step)."""
+    limit = max(int(num_steps * timestep_fraction + 1e-9), 1)
+    return tuple(sorted(i for i in sde_steps if i < limit))
+
+
+def tail_stops(num_steps: int, sde_steps: tuple[int, ...], tail_steps: int | None) -> tuple[int, ...]:
+    """The sigma indices 0 .. num_steps a rollout visits: all of them, except that with tail_steps
+    the ODE tail after the last SDE step keeps tail_steps + 1 of its indices, evenly spaced."""
+    end = max(sde_steps) + 1 if sde_steps else num_steps  # the tail starts where the last SDE step ends
+    if tail_steps is None or num_steps - end <= tail_steps:
+        return tuple(range(num_steps + 1))
+    tail = torch.linspace(end, num_steps, tail_steps + 1).round().long().tolist()  # [tail_steps + 1]
+    return tuple(range(end)) + tuple(tail)
+
+
+def plan_window(
+    num_steps: int,
+    window: int | None,
+    mode: str,
+    start: int,
+    max_start: int | None,
+    slide_every: int,
+    calls: int,
+    draw: Callable[[int], int],
+    *,
+    timestep_fraction: float = 1.0,
+    tail_steps: int | None = None,
+) -> WindowPlan:
+    """The plan of a training rollout after `calls` earlier training rollouts.
+
+    draw(k) returns an index in range(k); it is called once, and only by a random window.
+    """
+    starts = window_starts(num_steps, window, mode, start, max_start)
+    if window is None or mode == "fixed":
+        first = starts[0]
+    elif mode == "random":
+        first = starts[draw(len(starts))]
+    else:  # sliding: one step forward every slide_every training calls, wrapping around
+        first = starts[(start + calls // slide_every) % len(starts)]
+    sde = window_steps(num_steps, window, first)
+    return WindowPlan(sde, trained_steps(num_steps, sde, timestep_fraction), tail_stops(num_steps, sde, tail_steps))
+
+
+def ode_plan(num_steps: int) -> WindowPlan:
+    """An all-ODE rollout (evaluation): every sigma visited, nothing trained."""
+    return WindowPlan((), (), tuple(range(num_steps + 1)))
+
+
+def check_window(
+    num_steps: int,
+    window: int | None,
+    mode: str,
+    start: int,
+    max_start: int | None,
+    slide_every: int,
+    timestep_fraction: float,
+    tail_steps: int | None,
+    *,
+    trains: bool = True,
+) -> None:
+    """One readable ValueError for window options no rollout can follow.
+
+    trains: False for the "ode" kernel, which trains no step (so no window needs a trained step).
+    """
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"window_mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
+    if window is not None and not 1 <= window <= num_steps:
+        raise ValueError(f"window must be between 1 and num_steps={num_steps}, got {window}")
+    if slide_every < 1:
+        raise ValueError(f"slide_every must be >= 1, got {slide_every}")
+    if window is not None and mode == "fixed" and start + window > num_steps:
+        raise ValueError(f"window_start + window = {start + window} exceeds num_steps={num_steps}")
+    if not 0.0 < timestep_fraction <= 1.0:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    starts = window_starts(num_steps, window, mode, start, max_start)
+    if trains and not all(trained_steps(num_steps, window_steps(num_steps, window, a), timestep_fraction) for a in starts):
+        raise ValueError("timestep_fraction and the SDE window leave some rollouts without a trained step: "
+                         "widen the window, lower window_max_start or raise timestep_fraction")
+    if tail_steps is not None and tail_steps < 1:
+        raise ValueError(f"tail_steps must be >= 1 (or null for the schedule's own steps), got {tail_steps}")
