@@ -245,8 +245,10 @@ def _no_draw(k: int) -> int:
     raise AssertionError("only a random window draws")
 
 
-def _plan(num_steps, window, mode="fixed", start=0, max_start=None, slide_every=25, calls=0, draw=_no_draw, **kw):
-    return win.plan_window(num_steps, window, mode, start, max_start, slide_every, calls, draw, **kw)
+def _plan(num_steps, window, mode="fixed", start=0, max_start=None, slide_every=25, calls=0, draw=_no_draw,
+          timestep_fraction=1.0, tail_steps=None):
+    spec = win.WindowSpec(num_steps, window, mode, start, max_start, slide_every, timestep_fraction, tail_steps)
+    return win.plan_window(spec, calls, draw)
 
 
 def test_fixed_window_and_no_window():
@@ -297,16 +299,14 @@ def test_tail_steps_thin_only_the_ode_tail_after_the_window():
     (dict(mode="random", window=1, max_start=3, timestep_fraction=0.25), "without a trained step"),
 ])
 def test_window_options_no_rollout_can_follow_are_errors(kwargs, match):
-    args = dict(num_steps=4, window=2, mode="fixed", start=0, max_start=None, slide_every=25, timestep_fraction=1.0,
-                tail_steps=None)
+    args = dict(num_steps=4, window=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        win.check_window(**args)
+        win.check_window(win.WindowSpec(**args))
 
 
 def test_an_ode_kernel_needs_no_trained_step():
-    args = dict(num_steps=4, window=1, mode="fixed", start=3, max_start=None, slide_every=25, timestep_fraction=0.5,
-                tail_steps=None)
-    win.check_window(**args, trains=False)
+    spec = win.WindowSpec(num_steps=4, window=1, start=3, timestep_fraction=0.5)
+    win.check_window(spec, trains=False)
     with pytest.raises(ValueError, match="without a trained step"):
-        win.check_window(**args)
+        win.check_window(spec)

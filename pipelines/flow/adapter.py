@@ -259,15 +259,11 @@ class FlowAdapter(TunedAdapter):
 
     def _plan(self, generator: torch.Generator) -> WindowPlan:
         """The SDE window, trained steps and visited sigmas of the next training rollout."""
-        o = self.options
 
         def draw(k: int) -> int:  # a random window start: from the sample generator
             return int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
 
-        return plan_window(
-            o.num_steps, o.window, o.window_mode, o.window_start, o.window_max_start, o.slide_every,
-            self.sample_calls, draw, timestep_fraction=o.timestep_fraction, tail_steps=o.tail_steps,
-        )
+        return plan_window(self.options.window_spec(), self.sample_calls, draw)
 
     def _sigmas(self, num_steps: int) -> torch.Tensor:
         """The T+1 sigmas from 1 to 0 of a num_steps sampler, fp32 on cpu."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmgrpo.pipelines.flow import sde
-from mmgrpo.pipelines.flow.window import check_window
+from mmgrpo.pipelines.flow.window import WindowSpec, check_window
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -81,7 +81,11 @@ class FlowOptions:
             raise ValueError(f"schedule must be 'scheduler' or 'dance', got {self.schedule!r}")
         if self.num_steps < 1 or self.eval_steps < 1:
             raise ValueError(f"num_steps and eval_steps must be >= 1, got {self.num_steps} and {self.eval_steps}")
-        check_window(
+        check_window(self.window_spec(), trains=self.kernel != "ode")
+
+    def window_spec(self) -> WindowSpec:
+        """The SDE window of training rollouts (window.py)."""
+        return WindowSpec(
             self.num_steps, self.window, self.window_mode, self.window_start, self.window_max_start,
-            self.slide_every, self.timestep_fraction, self.tail_steps, trains=self.kernel != "ode",
+            self.slide_every, self.timestep_fraction, self.tail_steps,
         )

@@ -4,8 +4,8 @@ Flow-GRPO-Fast / MixGRPO (ANCHORS.md section 1): the SDE runs only inside a wind
 steps and the ODE (Euler) elsewhere; only window steps are stored and trained. Pure functions of
 the options and of the number of training calls so far, so the plan is testable on its own:
 
-    plan = plan_window(10, window=2, mode="random", start=0, max_start=None, slide_every=25,
-                       calls=0, draw=lambda k: 3)          # draw(k): an index in range(k)
+    spec = WindowSpec(num_steps=10, window=2, mode="random")
+    plan = plan_window(spec, calls=0, draw=lambda k: 3)   # draw(k): an index in range(k)
     plan.sde_steps == (3, 4); plan.trained == (3, 4); plan.stops == (0, 1, ..., 10)
 
 Window modes: "fixed" starts at `start`; "random" at a start drawn from 0 .. max_start (default
@@ -25,6 +25,19 @@ import torch
 WINDOW_MODES = ("fixed", "random", "sliding")
 
 
+class WindowSpec(NamedTuple):
+    """The window options of a sampler of num_steps steps (FlowOptions' names in brackets)."""
+
+    num_steps: int
+    window: int | None = None  # SDE steps per rollout; None: every step
+    mode: str = "fixed"  # (window_mode) "fixed" | "random" | "sliding"
+    start: int = 0  # (window_start) the fixed start, or where sliding begins
+    max_start: int | None = None  # (window_max_start) the last start random / sliding may use
+    slide_every: int = 25  # sliding: training calls per step forward
+    timestep_fraction: float = 1.0  # only SDE steps among the first int(num_steps * fraction) train
+    tail_steps: int | None = None  # Euler steps of the ODE tail after the window; None: the schedule's
+
+
 class WindowPlan(NamedTuple):
     """The steps of one rollout."""
 
@@ -33,14 +46,15 @@ class WindowPlan(NamedTuple):
     stops: tuple[int, ...]  # sigma indices visited: step k goes from stops[k] to stops[k + 1]
 
 
-def window_starts(num_steps: int, window: int | None, mode: str, start: int, max_start: int | None) -> list[int]:
+def window_starts(spec: WindowSpec) -> list[int]:
     """Every step a window can start at ([0] without a window)."""
-    if window is None:
+    T, W = spec.num_steps, spec.window
+    if W is None:
         return [0]
-    if mode == "fixed":
-        return [start]
-    default = max(num_steps // 2 - 1, 0) if mode == "random" else num_steps - window
-    top = min(default if max_start is None else max_start, num_steps - window)
+    if spec.mode == "fixed":
+        return [spec.start]
+    default = max(T // 2 - 1, 0) if spec.mode == "random" else T - W
+    top = min(default if spec.max_start is None else spec.max_start, T - W)
     return list(range(top + 1))
 
 
@@ -67,32 +81,21 @@ def tail_stops(num_steps: int, sde_steps: tuple[int, ...], tail_steps: int | Non
     return tuple(range(end)) + tuple(tail)
 
 
-def plan_window(
-    num_steps: int,
-    window: int | None,
-    mode: str,
-    start: int,
-    max_start: int | None,
-    slide_every: int,
-    calls: int,
-    draw: Callable[[int], int],
-    *,
-    timestep_fraction: float = 1.0,
-    tail_steps: int | None = None,
-) -> WindowPlan:
+def plan_window(spec: WindowSpec, calls: int, draw: Callable[[int], int]) -> WindowPlan:
     """The plan of a training rollout after `calls` earlier training rollouts.
 
     draw(k) returns an index in range(k); it is called once, and only by a random window.
     """
-    starts = window_starts(num_steps, window, mode, start, max_start)
-    if window is None or mode == "fixed":
+    starts = window_starts(spec)
+    if spec.window is None or spec.mode == "fixed":
         first = starts[0]
-    elif mode == "random":
+    elif spec.mode == "random":
         first = starts[draw(len(starts))]
     else:  # sliding: one step forward every slide_every training calls, wrapping around
-        first = starts[(start + calls // slide_every) % len(starts)]
-    sde = window_steps(num_steps, window, first)
-    return WindowPlan(sde, trained_steps(num_steps, sde, timestep_fraction), tail_stops(num_steps, sde, tail_steps))
+        first = starts[(spec.start + calls // spec.slide_every) % len(starts)]
+    sde = window_steps(spec.num_steps, spec.window, first)
+    trained = trained_steps(spec.num_steps, sde, spec.timestep_fraction)
+    return WindowPlan(sde, trained, tail_stops(spec.num_steps, sde, spec.tail_steps))
 
 
 def ode_plan(num_steps: int) -> WindowPlan:
@@ -100,35 +103,24 @@ def ode_plan(num_steps: int) -> WindowPlan:
     return WindowPlan((), (), tuple(range(num_steps + 1)))
 
 
-def check_window(
-    num_steps: int,
-    window: int | None,
-    mode: str,
-    start: int,
-    max_start: int | None,
-    slide_every: int,
-    timestep_fraction: float,
-    tail_steps: int | None,
-    *,
-    trains: bool = True,
-) -> None:
+def check_window(spec: WindowSpec, *, trains: bool = True) -> None:
     """One readable ValueError for window options no rollout can follow.
 
     trains: False for the "ode" kernel, which trains no step (so no window needs a trained step).
     """
-    if mode not in WINDOW_MODES:
-        raise ValueError(f"window_mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
-    if window is not None and not 1 <= window <= num_steps:
-        raise ValueError(f"window must be between 1 and num_steps={num_steps}, got {window}")
-    if slide_every < 1:
-        raise ValueError(f"slide_every must be >= 1, got {slide_every}")
-    if window is not None and mode == "fixed" and start + window > num_steps:
-        raise ValueError(f"window_start + window = {start + window} exceeds num_steps={num_steps}")
-    if not 0.0 < timestep_fraction <= 1.0:
-        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-    starts = window_starts(num_steps, window, mode, start, max_start)
-    if trains and not all(trained_steps(num_steps, window_steps(num_steps, window, a), timestep_fraction) for a in starts):
+    T, W = spec.num_steps, spec.window
+    if spec.mode not in WINDOW_MODES:
+        raise ValueError(f"window_mode must be one of {', '.join(WINDOW_MODES)}, got {spec.mode!r}")
+    if W is not None and not 1 <= W <= T:
+        raise ValueError(f"window must be between 1 and num_steps={T}, got {W}")
+    if spec.slide_every < 1:
+        raise ValueError(f"slide_every must be >= 1, got {spec.slide_every}")
+    if W is not None and spec.mode == "fixed" and spec.start + W > T:
+        raise ValueError(f"window_start + window = {spec.start + W} exceeds num_steps={T}")
+    if not 0.0 < spec.timestep_fraction <= 1.0:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {spec.timestep_fraction}")
+    if trains and not all(trained_steps(T, window_steps(T, W, a), spec.timestep_fraction) for a in window_starts(spec)):
         raise ValueError("timestep_fraction and the SDE window leave some rollouts without a trained step: "
                          "widen the window, lower window_max_start or raise timestep_fraction")
-    if tail_steps is not None and tail_steps < 1:
-        raise ValueError(f"tail_steps must be >= 1 (or null for the schedule's own steps), got {tail_steps}")
+    if spec.tail_steps is not None and spec.tail_steps < 1:
+        raise ValueError(f"tail_steps must be >= 1 (or null for the schedule's own steps), got {spec.tail_steps}")
