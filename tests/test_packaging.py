@@ -43,9 +43,10 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "pytest" in command and "pip install" in command
 
 
-def test_readme_main_command_trains_toy():
+def test_readme_main_command_runs_the_main_job():
+    """The product's main job: text-to-video GRPO on the embedded default, with the extra it needs."""
     command = _readme_block("main-command")
-    assert "mmgrpo train --modality" in command and "pip install" in command
+    assert "mmgrpo train --modality video" in command and 'pip install -e ".[video]"' in command
 
 
 def test_readme_api_example_runs(tmp_path, monkeypatch):
