@@ -1,8 +1,9 @@
 """Pretraining of the embedded flow-matching models (assets/image, assets/video) on the mini-world.
 
 Shared by `python -m mmgrpo.pretrain.image` (a StableDiffusion3Pipeline, 32x32 images) and
-`python -m mmgrpo.pretrain.video` (a WanPipeline, 9 frames of 32x32). Both are assembled from the
-REAL diffusers / transformers classes with tiny configs, then trained in two stages:
+`python -m mmgrpo.pretrain.video` (a WanPipeline, 9 frames of 32x32). Both are assembled by the
+builders of pipelines/flow/tiny.py (the REAL diffusers / transformers classes, small sizes), then
+trained in two stages:
 
 1. the VAE learns to reconstruct mini-world images / clips (L1 + MSE + a tiny KL; the video
    VAE weights object pixels 10x, since objects cover ~10% of a black frame and an all-black
@@ -78,102 +79,44 @@ class Recipe:
     eval_prompts: int = 32
     eval_steps: int = 20
     guidance_scale: float = 1.0
-    width: dict[str, int] = field(default_factory=dict)  # model sizes, see build_*_pipeline
+    width: dict[str, int] = field(default_factory=dict)  # model sizes, see build_image_pipeline / build_video_pipeline
 
 
-# ----------------------------------------------------------------------------- tokenizers / models
-
-
-def tokenizers(kind: str):
-    """Whole-word tokenizers for the mini-world vocabulary (constructed, deterministic)."""
-    from mmgrpo.pipelines.flow.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
-
-    tok = tiny_clip_tokenizer(MINIWORLD_WORDS) if kind == "clip" else tiny_t5_tokenizer(MINIWORLD_WORDS)
-    tok.model_max_length = TEXT_LEN
-    return tok
+# ----------------------------------------------------------------------------- models
 
 
 def build_image_pipeline(seed: int = 0, width: dict[str, int] | None = None):
-    """A StableDiffusion3Pipeline for 32x32 images: an AutoencoderKL with `vae_levels` levels (each
-    level past the first halves the resolution: 2 -> 16x16x4 latents), the SD3 transformer over the
-    latents in `patch` x `patch` patches (16x16 in 2x2 -> 64 tokens), two tiny CLIP text encoders and
-    a tiny T5 (diffusers cannot reload an SD3 pipeline saved without one)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    """The untrained StableDiffusion3Pipeline for 32x32 images (pipelines/flow/tiny.py assembles it).
+
+    An AutoencoderKL with `vae_levels` levels (each level past the first halves the resolution:
+    2 -> 16x16x4 latents), no mid-block attention; the SD3 transformer over the latents in `patch` x
+    `patch` patches (16x16 in 2x2 -> 64 tokens); two CLIP text encoders of width `text` and a T5 of
+    width 2 * `text` (the two CLIP states concatenated; diffusers cannot reload an SD3 pipeline
+    saved without one). Latent shift and scale start at 0 and 1: encode_latents fits them.
+    """
+    from mmgrpo.pipelines.flow.tiny import SD3Sizes, TextSizes, tiny_sd3_pipeline
 
     w = {"dim": 64, "layers": 4, "heads": 4, "text": 32, "vae": 32, "vae_levels": 1, "patch": 4, **(width or {})}
-    levels = w["vae_levels"]
-    latent_size = 32 // 2 ** (levels - 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tok1, tok2 = tokenizers("clip"), tokenizers("clip")
-
-        def clip(tok):
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=len(tok), hidden_size=w["text"], intermediate_size=2 * w["text"], num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=w["text"], hidden_act="gelu",
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            ))
-
-        te1, te2 = clip(tok1), clip(tok2)
-        tok3 = tokenizers("t5")
-        te3 = T5EncoderModel(T5Config(
-            vocab_size=len(tok3), d_model=2 * w["text"], d_kv=16, d_ff=2 * w["text"], num_layers=1, num_heads=2,
-            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok3.pad_token_id,
-            eos_token_id=tok3.eos_token_id, decoder_start_token_id=tok3.pad_token_id,
-        ))
-        transformer = SD3Transformer2DModel(
-            sample_size=latent_size, patch_size=w["patch"], in_channels=4, out_channels=4, num_layers=w["layers"],
-            attention_head_dim=w["dim"] // w["heads"], num_attention_heads=w["heads"],
-            joint_attention_dim=2 * w["text"],  # T5 d_model = the two CLIP hidden states, concatenated
-            caption_projection_dim=w["dim"], pooled_projection_dim=2 * w["text"],
-            pos_embed_max_size=latent_size // w["patch"],
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(w["vae"],) * levels,
-            layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
-            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
-        )
-    for m in (te1, te2, te3, transformer, vae):
-        m.eval()
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0), vae=vae,
-        text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
-    )
+    text = TextSizes(words=MINIWORLD_WORDS, max_length=TEXT_LEN, clip_width=w["text"], t5_width=2 * w["text"],
+                     t5_head_width=16, t5_ff=2 * w["text"])
+    sizes = SD3Sizes(image_size=32, dim=w["dim"], heads=w["heads"], layers=w["layers"], patch=w["patch"],
+                     vae_levels=w["vae_levels"], vae_width=w["vae"], vae_groups=4, vae_attention=False,
+                     vae_shift=0.0, vae_scale=1.0, scheduler_shift=2.0)
+    return tiny_sd3_pipeline(seed, text=text, sizes=sizes)
 
 
 def build_video_pipeline(seed: int = 0, width: dict[str, int] | None = None):
-    """A WanPipeline for 9x32x32 clips: Wan transformer over 9x16x16x4 latents in 1x4x4 patches
-    (144 tokens), an AutoencoderKLWan with one 2x spatial downsample (none in time), a tiny UMT5."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    """The untrained WanPipeline for 9x32x32 clips (pipelines/flow/tiny.py assembles it): the Wan
+    transformer over 9x16x16x4 latents in 1x4x4 patches (144 tokens), an AutoencoderKLWan with one
+    2x spatial downsample (none in time), a 2-layer UMT5 (gated GELU, as UMT5 ships) of width `text`."""
+    from mmgrpo.pipelines.flow.tiny import TextSizes, WanSizes, tiny_wan_pipeline
 
     w = {"dim": 64, "layers": 3, "heads": 4, "text": 32, "vae": 16, "patch": 4, **(width or {})}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tok = tokenizers("t5")
-        te = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tok), d_model=w["text"], d_kv=16, d_ff=2 * w["text"], num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
-        ))
-        transformer = WanTransformer3DModel(
-            patch_size=(1, w["patch"], w["patch"]), num_attention_heads=w["heads"],
-            attention_head_dim=w["dim"] // w["heads"],
-            in_channels=4, out_channels=4, text_dim=w["text"], freq_dim=32, ffn_dim=2 * w["dim"],
-            num_layers=w["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        )
-        vae = AutoencoderKLWan(
-            base_dim=w["vae"], z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=1, scale_factor_spatial=2,
-        )
-    for m in (te, transformer, vae):
-        m.eval()
-    return WanPipeline(
-        tokenizer=tok, text_encoder=te, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0),
-        transformer=transformer,
-    )
+    text = TextSizes(words=MINIWORLD_WORDS, max_length=TEXT_LEN, t5_width=w["text"], t5_head_width=16,
+                     t5_ff=2 * w["text"], t5_layers=2, t5_feed_forward="gated-gelu")
+    sizes = WanSizes(dim=w["dim"], heads=w["heads"], layers=w["layers"], patch=w["patch"], freq_dim=32,
+                     vae_width=w["vae"], vae_temporal_downsample=(False,), scheduler_shift=2.0)
+    return tiny_wan_pipeline(seed, text=text, sizes=sizes)
 
 
 def build_pipeline(kind: str, seed: int = 0, width: dict[str, int] | None = None):
@@ -223,6 +166,28 @@ def _progress(total: int, desc: str):
     return tqdm(range(total), desc=desc, mininterval=2.0)
 
 
+def warmup_cosine(base_lr: float, step: int, steps: int, warmup: int, floor: float) -> float:
+    """The learning rate at `step`: a linear warmup over `warmup` steps times a cosine from 1 to `floor`."""
+    cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
+    return base_lr * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * cosine)
+
+
+def _descend(opt: torch.optim.Optimizer, module: torch.nn.Module, loss: torch.Tensor, lr: float) -> None:
+    """One optimizer step on `loss` at `lr`, the gradient norm clipped to 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+
+
+def _smoothed(average: float, value: torch.Tensor, weight: float) -> float:
+    """An exponential moving average that starts at the first value (`average` is NaN before it)."""
+    value = float(value.detach())
+    return (1 - weight) * average + weight * value if average == average else value
+
+
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
@@ -235,9 +200,6 @@ def train_vae(pipe: Any, kind: str, pixels: torch.Tensor, recipe: Recipe, seed: 
     err = float("nan")
     bar = _progress(recipe.vae_steps, f"{kind} VAE")
     for step in bar:
-        lr = recipe.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
         idx = torch.randint(0, len(pixels), (recipe.vae_batch,), generator=gen)  # [b]
         x = pixels[idx]  # [b, 3, (F,) H, W]
         if x.ndim == 5 and recipe.vae_frames:  # clips: a random window of 1 + 4k frames
@@ -251,11 +213,8 @@ def train_vae(pipe: Any, kind: str, pixels: torch.Tensor, recipe: Recipe, seed: 
         l1 = (rec - x).abs().mean()
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
         loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean() / weight.mean() + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        err = 0.9 * err + 0.1 * float(l1.detach()) if err == err else float(l1.detach())
+        _descend(opt, vae, loss, warmup_cosine(recipe.vae_lr, step, recipe.vae_steps, warmup=50, floor=0.1))
+        err = _smoothed(err, l1, 0.1)
         if step % 5 == 0:
             bar.set_postfix(l1=f"{err:.4f}")
     vae.eval().requires_grad_(False)
@@ -327,9 +286,6 @@ def train_transformer(pipe: Any, kind: str, latents: torch.Tensor, captions: lis
     ema = float("nan")
     bar = _progress(recipe.steps, f"{kind} transformer")
     for step in bar:
-        lr = recipe.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
         idx = torch.randint(0, len(latents), (recipe.batch,), generator=gen)  # [b]
         x0 = latents[idx]  # [b, C, ...]
         drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout  # [b]
@@ -344,11 +300,8 @@ def train_transformer(pipe: Any, kind: str, latents: torch.Tensor, captions: lis
         x = (1 - s) * x0 + s * eps
         v = _forward(pipe, kind, x, sigma, emb)  # [b, C, ...]
         loss = F.mse_loss(v.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = 0.98 * ema + 0.02 * float(loss.detach()) if ema == ema else float(loss.detach())
+        _descend(opt, model, loss, warmup_cosine(recipe.lr, step, recipe.steps, warmup=100, floor=0.05))
+        ema = _smoothed(ema, loss, 0.02)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
     model.eval().requires_grad_(False)

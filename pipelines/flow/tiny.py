@@ -4,8 +4,9 @@ Each builder assembles the REAL diffusers pipeline class from tiny components (t
 thousands of parameters, forwards in milliseconds on CPU): a tiny transformer, a tiny VAE,
 tiny CLIP / T5 / UMT5 text encoders from transformers configs, and tokenizers constructed
 offline from a small caption vocabulary (deterministically: the tokenizers trainers are not
-reproducible run to run). They prove the wiring in tests and are the starting point of the
-embedded defaults (which are then pretrained). The same seed gives the same pipeline.
+reproducible run to run). They prove the wiring in tests, and the same builders at larger
+sizes (`TextSizes`, `SD3Sizes`, `WanSizes`) make the untrained embedded defaults that
+mmgrpo.pretrain then trains. The same seed and sizes give the same pipeline.
 
 All modules are put in eval mode (models built from config start in train mode, and
 dropout would break determinism) and are seeded from `seed` (a local torch.Generator state
@@ -14,6 +15,7 @@ via torch.random.fork_rng, so the global RNG of the caller is left alone).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,13 +36,13 @@ def _alphabet() -> list[str]:
     return [chr(c) for c in range(33, 127) if not chr(c).isupper()]
 
 
-def tiny_clip_tokenizer(words: str = CAPTION_WORDS):
+def tiny_clip_tokenizer(words: str = CAPTION_WORDS, max_length: int = TEXT_LEN):
     """A CLIP byte-level BPE tokenizer CONSTRUCTED (not trained) from `words` (default CAPTION_WORDS).
 
     The vocab is the printable ASCII alphabet (each also as a word end, "x</w>") plus
     left-to-right chains of merges per caption word, so caption words are single tokens
     and any ASCII text still tokenizes. Built deterministically: the tokenizers BPE trainer is
-    not reproducible run to run, and a tiny model's tokenizer must be. model_max_length TEXT_LEN.
+    not reproducible run to run, and a tiny model's tokenizer must be. model_max_length `max_length`.
     """
     from transformers import CLIPTokenizer
 
@@ -72,14 +74,14 @@ def tiny_clip_tokenizer(words: str = CAPTION_WORDS):
                     merges.append(pair)
                     vocab.setdefault(pair[0] + pair[1], len(vocab))
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    tok.model_max_length = TEXT_LEN
+    tok.model_max_length = max_length
     return tok
 
 
-def tiny_t5_tokenizer(words: str = CAPTION_WORDS):
+def tiny_t5_tokenizer(words: str = CAPTION_WORDS, max_length: int = TEXT_LEN):
     """A T5 unigram tokenizer CONSTRUCTED from `words` (default CAPTION_WORDS; also serves UMT5): whole-word
     pieces "▁word" score -1, single characters -10, so caption words are one token each and
-    any ASCII text still tokenizes. Deterministic (see tiny_clip_tokenizer). model_max_length TEXT_LEN.
+    any ASCII text still tokenizes. Deterministic (see tiny_clip_tokenizer). model_max_length `max_length`.
     """
     from transformers import T5Tokenizer
 
@@ -87,21 +89,67 @@ def tiny_t5_tokenizer(words: str = CAPTION_WORDS):
     vocab += [(ch, -10.0) for ch in _alphabet() + [chr(c) for c in range(65, 91)]]
     vocab += [("\u2581" + w, -1.0) for w in sorted(set(words.split()))]
     tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tok.model_max_length = TEXT_LEN
+    tok.model_max_length = max_length
     return tok
 
 
-def _clip_text_config(tokenizer: Any, hidden: int, projection: int):
+@dataclass(frozen=True)
+class TextSizes:
+    """The text side: tokenizer words and length, and the widths of the CLIP and T5 / UMT5 encoders."""
+
+    words: str = CAPTION_WORDS  # every word here is one token
+    max_length: int = TEXT_LEN  # tokenizer model_max_length = CLIP positions
+    clip_width: int = 16  # CLIP hidden size = projection size (2 layers, 2 heads)
+    t5_width: int = 32  # T5 / UMT5 d_model (2 heads)
+    t5_head_width: int = 8  # d_kv
+    t5_ff: int = 64  # d_ff
+    t5_layers: int = 1
+    t5_feed_forward: str = "relu"  # feed_forward_proj: "relu" (T5 v1.0) or "gated-gelu" (UMT5's default)
+
+
+@dataclass(frozen=True)
+class SD3Sizes:
+    """An SD3 transformer over the latents of a KL autoencoder (FLUX reuses the autoencoder fields)."""
+
+    image_size: int = 16  # pixels per side (the pipeline's default size)
+    dim: int = 16  # transformer width = caption projection
+    heads: int = 2
+    layers: int = 1
+    patch: int = 1
+    vae_levels: int = 1  # each level past the first halves the resolution
+    vae_width: int = 4  # channels of every level
+    vae_groups: int = 1  # GroupNorm groups
+    vae_attention: bool = True  # mid-block attention
+    vae_shift: float = 0.0609  # latent shift / scale (SD3's; pretraining fits its own)
+    vae_scale: float = 1.5035
+    scheduler_shift: float = 3.0
+
+
+@dataclass(frozen=True)
+class WanSizes:
+    """A Wan transformer over the latents of a causal 3D autoencoder."""
+
+    dim: int = 16  # transformer width; its feed-forward is 2 * dim
+    heads: int = 2
+    layers: int = 1
+    patch: int = 2  # spatial patch (1 in time)
+    freq_dim: int = 16  # timestep embedding
+    vae_width: int = 4  # base_dim
+    vae_temporal_downsample: tuple[bool, ...] = (False, True)  # one 2x spatial downsample each; True also halves time
+    scheduler_shift: float = 3.0
+
+
+def _clip_text_config(tokenizer: Any, text: TextSizes):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        hidden_size=text.clip_width,
+        intermediate_size=2 * text.clip_width,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=TEXT_LEN,
-        projection_dim=projection,
+        max_position_embeddings=text.max_length,
+        projection_dim=text.clip_width,
         hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -109,18 +157,19 @@ def _clip_text_config(tokenizer: Any, hidden: int, projection: int):
     )
 
 
-def _t5_config(tokenizer: Any, d_model: int):
-    from transformers import T5Config
+def _t5_config(tokenizer: Any, text: TextSizes, umt5: bool = False):
+    from transformers import T5Config, UMT5Config
 
-    return T5Config(
+    return (UMT5Config if umt5 else T5Config)(
         vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=1,
+        d_model=text.t5_width,
+        d_kv=text.t5_head_width,
+        d_ff=text.t5_ff,
+        num_layers=text.t5_layers,
         num_heads=2,
         relative_attention_num_buckets=8,
         dropout_rate=0.0,
+        feed_forward_proj=text.t5_feed_forward,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
@@ -133,55 +182,64 @@ def _eval(*modules: Any) -> None:
             m.eval()
 
 
-def _tiny_vae(latent_channels: int):
-    """A one-level AutoencoderKL (no downsampling) with `latent_channels` channels (SD3: 4, FLUX: 1)."""
+def _tiny_vae(latent_channels: int, sizes: SD3Sizes):
+    """An AutoencoderKL with `latent_channels` channels (SD3: 4, FLUX: 1) and `sizes.vae_levels` levels."""
     from diffusers import AutoencoderKL
 
+    levels = sizes.vae_levels
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(4,),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(sizes.vae_width,) * levels,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=1,
-        sample_size=16,
+        norm_num_groups=sizes.vae_groups,
+        sample_size=sizes.image_size,
+        mid_block_add_attention=sizes.vae_attention,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        shift_factor=sizes.vae_shift,
+        scaling_factor=sizes.vae_scale,
     )
 
 
-def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
-    """A StableDiffusion3Pipeline with 1-layer SD3 transformer, 1-level VAE (8x8 latents for
-    8x8 images, 16x16 for 16x16), two tiny CLIPs and (optionally) a tiny T5 encoder."""
+def tiny_sd3_pipeline(
+    seed: int = 0, *, with_t5: bool = True, text: TextSizes = TextSizes(), sizes: SD3Sizes = SD3Sizes()
+):
+    """A StableDiffusion3Pipeline: SD3 transformer, KL autoencoder, two CLIPs and (optionally) a T5 encoder.
+
+    Default sizes: 1 layer, a 1-level VAE (8x8 latents for 8x8 images, 16x16 for 16x16). The
+    transformer reads the T5 states (width t5_width; the two CLIP states are padded to it) and
+    the two pooled CLIP projections, concatenated.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+    latent_size = sizes.image_size // 2 ** (sizes.vae_levels - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tok1, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-        te1 = CLIPTextModelWithProjection(_clip_text_config(tok1, hidden=16, projection=16))
-        te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, hidden=16, projection=16))
-        tok3 = tiny_t5_tokenizer() if with_t5 else None
-        te3 = T5EncoderModel(_t5_config(tok3, d_model=32)) if with_t5 else None
+        tok1, tok2 = tiny_clip_tokenizer(text.words, text.max_length), tiny_clip_tokenizer(text.words, text.max_length)
+        te1 = CLIPTextModelWithProjection(_clip_text_config(tok1, text))
+        te2 = CLIPTextModelWithProjection(_clip_text_config(tok2, text))
+        tok3 = tiny_t5_tokenizer(text.words, text.max_length) if with_t5 else None
+        te3 = T5EncoderModel(_t5_config(tok3, text)) if with_t5 else None
         transformer = SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=1,
+            sample_size=latent_size,
+            patch_size=sizes.patch,
             in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,  # T5 d_model; the two CLIP hidden states (16+16) are padded to it
-            caption_projection_dim=16,
-            pooled_projection_dim=32,  # 16 + 16 pooled CLIP projections
+            num_layers=sizes.layers,
+            attention_head_dim=sizes.dim // sizes.heads,
+            num_attention_heads=sizes.heads,
+            joint_attention_dim=text.t5_width,
+            caption_projection_dim=sizes.dim,
+            pooled_projection_dim=2 * text.clip_width,
             out_channels=4,
-            pos_embed_max_size=16,
+            pos_embed_max_size=latent_size // sizes.patch,
         )
-        vae = _tiny_vae(latent_channels=4)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        vae = _tiny_vae(4, sizes)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sizes.scheduler_shift)
     _eval(te1, te2, te3, transformer, vae)
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -202,11 +260,12 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
+    text = TextSizes()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok1, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-        te1 = CLIPTextModel(_clip_text_config(tok1, hidden=16, projection=16))
-        te2 = T5EncoderModel(_t5_config(tok2, d_model=32))
+        te1 = CLIPTextModel(_clip_text_config(tok1, text))
+        te2 = T5EncoderModel(_t5_config(tok2, text))
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4,
@@ -214,12 +273,12 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
             num_single_layers=1,
             attention_head_dim=8,
             num_attention_heads=2,
-            joint_attention_dim=32,  # T5 d_model
-            pooled_projection_dim=16,  # CLIP pooled output (hidden size)
+            joint_attention_dim=text.t5_width,
+            pooled_projection_dim=text.clip_width,  # CLIP pooled output (hidden size)
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
         )
-        vae = _tiny_vae(latent_channels=1)
+        vae = _tiny_vae(1, SD3Sizes())
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
         max_image_seq_len=256,
@@ -236,42 +295,46 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
     )
 
 
-def tiny_wan_pipeline(seed: int = 0):
-    """A WanPipeline with a 1-layer Wan transformer, a tiny AutoencoderKLWan (4x spatial, 4x
-    2x temporal: 5 frames -> 3 latent frames) and a tiny UMT5 encoder."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+def tiny_wan_pipeline(seed: int = 0, *, text: TextSizes = TextSizes(), sizes: WanSizes = WanSizes()):
+    """A WanPipeline: Wan transformer, causal 3D autoencoder (AutoencoderKLWan) and a UMT5 encoder.
 
+    Default sizes: 1 layer, a VAE that downsamples 4x in space and 2x in time (5 frames -> 3
+    latent frames), a UMT5 with T5's plain ReLU feed-forward.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    downsample = list(sizes.vae_temporal_downsample)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tok = tiny_t5_tokenizer()
-        te = UMT5EncoderModel(UMT5Config(**_t5_config(tok, d_model=32).to_diff_dict()))
+        tok = tiny_t5_tokenizer(text.words, text.max_length)
+        te = UMT5EncoderModel(_t5_config(tok, text, umt5=True))
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
+            patch_size=(1, sizes.patch, sizes.patch),
+            num_attention_heads=sizes.heads,
+            attention_head_dim=sizes.dim // sizes.heads,
             in_channels=4,
             out_channels=4,
-            text_dim=32,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=1,
+            text_dim=text.t5_width,
+            freq_dim=sizes.freq_dim,
+            ffn_dim=2 * sizes.dim,
+            num_layers=sizes.layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32,
         )
         vae = AutoencoderKLWan(
-            base_dim=4,
+            base_dim=sizes.vae_width,
             z_dim=4,
-            dim_mult=[1, 1, 1],
+            dim_mult=[1] * (len(downsample) + 1),
             num_res_blocks=1,
-            temperal_downsample=[False, True],
+            temperal_downsample=downsample,
             latents_mean=[0.0] * 4,
             latents_std=[1.0] * 4,
-            scale_factor_temporal=2,  # one temporal downsample
-            scale_factor_spatial=4,  # two spatial downsamples
+            scale_factor_temporal=2 ** sum(downsample),
+            scale_factor_spatial=2 ** len(downsample),
         )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sizes.scheduler_shift)
     _eval(te, transformer, vae)
     return WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=scheduler, transformer=transformer)
 
