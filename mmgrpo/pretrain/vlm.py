@@ -42,20 +42,24 @@ import numpy as np
 import torch
 
 from mmgrpo import miniworld as mw
+from mmgrpo.pipelines.vlm.tiny import VLMSizes
 
 # Decoder and vision tower sizes (Qwen2-VL-2B has hidden 1536, 28 layers, vision 1280 x 32 blocks).
-ARCH: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_layers": 4,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "vision_embed_dim": 128,
-    "vision_depth": 2,
-    "vision_heads": 4,
-    "patch_size": 14,  # Qwen's; with the 2x2 merge a 56x56 image is 4 visual tokens, an 8-frame clip 16
-    "vocab_size": 384,
-}
+ARCH = VLMSizes(
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    max_positions=1024,
+    tie_embeddings=True,
+    mrope_section=(4, 6, 6),  # Qwen2-VL's split of head_dim / 2 = 16: temporal 1/4, height and width 3/8 each
+    vision_width=128,
+    vision_depth=2,
+    vision_heads=4,
+    patch_size=14,  # Qwen's; with the 2x2 merge a 56x56 image is 4 visual tokens, an 8-frame clip 16
+)
+VOCAB_SIZE = 384
 # Training stops at the first check where the validation IoU (sampling temperature 1) reaches
 # target_iou, or after max_steps: decent but imperfect on purpose.
 FULL = {"max_steps": 6000, "check_every": 250, "target_iou": 0.35, "batch_size": 32, "lr": 2e-3, "warmup": 50,
@@ -93,98 +97,13 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer():
-    """A byte-level BPE `Qwen2Tokenizer` on `tokenizer_corpus()`, Qwen's special tokens, chat template."""
-    from transformers import Qwen2Tokenizer
-
-    from mmgrpo.pipelines.vlm.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-    base = Qwen2Tokenizer()
-    tokenizer = base.train_new_from_iterator(
-        tokenizer_corpus(), vocab_size=ARCH["vocab_size"] - len(ANSWER_TAGS), new_special_tokens=list(SPECIAL_TOKENS[1:])
-    )
-    tokenizer.add_tokens(list(ANSWER_TAGS))  # ordinary tokens: decoding keeps them
-    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    if ids != list(range(len(SPECIAL_TOKENS))):
-        raise RuntimeError(f"tokenizer special-token ids came out as {ids}, expected 0..{len(ids) - 1}")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_config(vocab_size: int):
-    """The Qwen2-VL config of `ARCH`; EOS is <|im_end|>, padding <|endoftext|>."""
-    from transformers import Qwen2VLConfig
-
-    from mmgrpo.pipelines.vlm.tiny import SPECIAL_TOKENS
-
-    head_dim = ARCH["hidden_size"] // ARCH["num_heads"]
-    half = head_dim // 2  # mrope_section (temporal, height, width) sums to head_dim / 2
-    text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=ARCH["hidden_size"],
-        intermediate_size=ARCH["intermediate_size"],
-        num_hidden_layers=ARCH["num_layers"],
-        num_attention_heads=ARCH["num_heads"],
-        num_key_value_heads=ARCH["num_kv_heads"],
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8],
-        },
-        bos_token_id=None,
-        eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
-        pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
-    )
-    vision_config = dict(
-        depth=ARCH["vision_depth"],
-        embed_dim=ARCH["vision_embed_dim"],
-        hidden_size=ARCH["hidden_size"],
-        num_heads=ARCH["vision_heads"],
-        mlp_ratio=2,
-        patch_size=ARCH["patch_size"],
-    )
-    return Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=SPECIAL_TOKENS.index("<|image_pad|>"),
-        video_token_id=SPECIAL_TOKENS.index("<|video_pad|>"),
-        vision_start_token_id=SPECIAL_TOKENS.index("<|vision_start|>"),
-        vision_end_token_id=SPECIAL_TOKENS.index("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-
-
-def build_processor(tokenizer):
-    """A `Qwen2VLProcessor` whose image and video processors keep 56x56 pixels and use ARCH's patch size."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    from mmgrpo.pipelines.vlm.tiny import CHAT_TEMPLATE
-
-    pixels = dict(patch_size=ARCH["patch_size"], merge_size=2, min_pixels=28 * 28, max_pixels=SIZE * SIZE)
-    return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        video_processor=Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
 def build_model(seed: int):
-    """(random model, processor): the real transformers classes at the sizes of `ARCH`."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    """(random model, processor): the real transformers classes at the sizes of `ARCH`, with a byte-level
+    BPE tokenizer trained on `tokenizer_corpus()` plus the answer tags as whole tokens."""
+    from mmgrpo.pipelines.vlm.tiny import build_tokenizer, build_vlm
 
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    config = build_config(len(tokenizer))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id
-    )
-    return model, processor
+    tokenizer = build_tokenizer(VOCAB_SIZE, tokenizer_corpus(), ANSWER_TAGS)
+    return build_vlm("qwen2_vl", seed, sizes=ARCH, tokenizer=tokenizer, max_pixels=SIZE * SIZE)
 
 
 def make_adapter(model: Any, processor: Any, **kwargs: Any):
@@ -363,10 +282,10 @@ Rebuild with:
 
 ## Model
 
-- decoder: hidden {ARCH['hidden_size']}, {ARCH['num_layers']} layers, {ARCH['num_heads']} heads \
-({ARCH['num_kv_heads']} key/value), MLP {ARCH['intermediate_size']}, M-RoPE, tied embeddings
-- vision tower: Qwen2-VL ViT, patch 14, temporal patch 2, 2x2 merge, width {ARCH['vision_embed_dim']}, \
-{ARCH['vision_depth']} blocks
+- decoder: hidden {ARCH.hidden_size}, {ARCH.num_layers} layers, {ARCH.num_heads} heads \
+({ARCH.num_kv_heads} key/value), MLP {ARCH.intermediate_size}, M-RoPE, tied embeddings
+- vision tower: Qwen2-VL ViT, patch {ARCH.patch_size}, temporal patch 2, 2x2 merge, width {ARCH.vision_width}, \
+{ARCH.vision_depth} blocks
 - tokenizer: byte-level BPE `Qwen2Tokenizer`, {info['vocab']} tokens, trained on mini-world questions and
   answers (digits are single tokens, `<answer>`/`</answer>` whole tokens), Qwen-style chat template;
   EOS `<|im_end|>`

@@ -6,8 +6,8 @@ and a one-block vision tower, a byte-level BPE `Qwen2Tokenizer` trained on a sma
 corpus, an image and a video processor with small pixel budgets, and a short chat template.
 `build_tiny_text_lm(path)` writes the text-only counterpart (`AutoModelForCausalLM`).
 
-The tests use these; the embedded default VLM starts from the same builder. Nothing is
-downloaded. Example::
+The tests use these; the embedded default VLM (mmgrpo.pretrain.vlm) is `build_vlm` at larger
+`VLMSizes` with its own tokenizer corpus. Nothing is downloaded. Example::
 
     python -m mmgrpo.pipelines.vlm.tiny /tmp/tiny-qwen2-vl --family qwen2_5_vl
 """
@@ -15,7 +15,9 @@ downloaded. Example::
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 # Special tokens in the order they get ids 0..6 (0 is also EOS and padding).
 SPECIAL_TOKENS = (
@@ -65,14 +67,38 @@ def caption_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE `Qwen2Tokenizer` trained offline on `caption_corpus()`, chat template set."""
+@dataclass(frozen=True)
+class VLMSizes:
+    """Decoder and vision-tower sizes of a tiny Qwen2-VL / Qwen2.5-VL (Qwen2-VL-2B: hidden 1536, 28 layers)."""
+
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int | None = None  # None: 2 * hidden_size
+    max_positions: int = 2048
+    tie_embeddings: bool = False
+    mrope_section: tuple[int, int, int] | None = None  # (temporal, height, width), sums to head_dim / 2;
+    #   None: (head_dim / 2 - 2q, q, q) with q = head_dim // 4
+    vision_width: int = 32
+    vision_depth: int = 1
+    vision_heads: int = 2
+    patch_size: int = 14  # Qwen's; with the 2x2 merge a 56x56 image is 4 visual tokens
+
+
+def build_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = None, extra_tokens: Sequence[str] = ()):
+    """A byte-level BPE `Qwen2Tokenizer` trained offline on `corpus` (default `caption_corpus()`), with
+    Qwen's special tokens (ids 0..6) and the chat template. `extra_tokens` are added as ordinary whole
+    tokens (decoding keeps them); `vocab_size` counts them."""
     from transformers import Qwen2Tokenizer
 
     base = Qwen2Tokenizer()  # only "<|endoftext|>"; the BPE is learned below
     tokenizer = base.train_new_from_iterator(
-        caption_corpus(), vocab_size=vocab_size, new_special_tokens=list(SPECIAL_TOKENS[1:])
+        caption_corpus() if corpus is None else list(corpus),
+        vocab_size=vocab_size - len(extra_tokens),
+        new_special_tokens=list(SPECIAL_TOKENS[1:]),
     )
+    tokenizer.add_tokens(list(extra_tokens))
     ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     if ids != list(range(len(SPECIAL_TOKENS))):
         raise RuntimeError(f"tiny tokenizer special-token ids came out as {ids}, expected 0..{len(ids) - 1}")
@@ -80,12 +106,15 @@ def build_tokenizer(vocab_size: int = 320):
     return tokenizer
 
 
-def build_processor(tokenizer, family: str = "qwen2_vl", min_pixels: int = 28 * 28, max_pixels: int = 56 * 56):
+def build_processor(
+    tokenizer, family: str = "qwen2_vl", min_pixels: int = 28 * 28, max_pixels: int = 56 * 56, patch_size: int = 14
+):
     """Image + video processors with tiny pixel budgets (a 56x56 image gives 4 visual tokens)."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, cap_pixels_per_frame=False)
+    pixels = dict(patch_size=patch_size, merge_size=2, min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessor(**pixels)
+    video_processor = Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False)
     cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}[family]
     return cls(
         image_processor=image_processor,
@@ -95,72 +124,90 @@ def build_processor(tokenizer, family: str = "qwen2_vl", min_pixels: int = 28 * 
     )
 
 
-def build_config(vocab_size: int, family: str = "qwen2_vl", hidden_size: int = 32, num_layers: int = 2):
-    """A Qwen2-VL or Qwen2.5-VL config: `num_layers` decoder layers, 2 heads, a 1-block vision tower."""
+def build_config(vocab_size: int, family: str = "qwen2_vl", sizes: VLMSizes = VLMSizes()):
+    """A Qwen2-VL or Qwen2.5-VL config of `sizes`; EOS is <|im_end|>, padding <|endoftext|>."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    heads = 2
-    head_dim = hidden_size // heads
-    quarter = head_dim // 4  # mrope_section: (temporal, height, width) must sum to head_dim / 2
+    head_dim = sizes.hidden_size // sizes.num_heads
+    quarter = head_dim // 4
+    mrope_section = list(sizes.mrope_section or (head_dim // 2 - 2 * quarter, quarter, quarter))
     text_config = dict(
         vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
-        },
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size or 2 * sizes.hidden_size,
+        num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads,
+        num_key_value_heads=sizes.num_kv_heads,
+        max_position_embeddings=sizes.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
         bos_token_id=None,
         eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
         pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
     )
-    token_ids = dict(
+    if sizes.tie_embeddings:  # Qwen2-VL checkpoints that tie record it on the text config too
+        text_config["tie_word_embeddings"] = True
+    common = dict(
+        text_config=text_config,
         image_token_id=SPECIAL_TOKENS.index("<|image_pad|>"),
         video_token_id=SPECIAL_TOKENS.index("<|video_pad|>"),
         vision_start_token_id=SPECIAL_TOKENS.index("<|vision_start|>"),
         vision_end_token_id=SPECIAL_TOKENS.index("<|vision_end|>"),
+        tie_word_embeddings=sizes.tie_embeddings,
     )
+    vision = dict(depth=sizes.vision_depth, num_heads=sizes.vision_heads, patch_size=sizes.patch_size)
     if family == "qwen2_vl":
-        vision_config = dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+        vision_config = dict(vision, embed_dim=sizes.vision_width, hidden_size=sizes.hidden_size, mlp_ratio=2)
+        return Qwen2VLConfig(vision_config=vision_config, **common)
     if family == "qwen2_5_vl":
         vision_config = dict(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=hidden_size,
+            vision,
+            hidden_size=sizes.vision_width,
+            intermediate_size=2 * sizes.vision_width,
+            out_hidden_size=sizes.hidden_size,
             window_size=56,
             fullatt_block_indexes=[0],
         )
-        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+        return Qwen2_5_VLConfig(vision_config=vision_config, **common)
     raise ValueError(f"unknown tiny VLM family {family!r}: use 'qwen2_vl' or 'qwen2_5_vl'")
 
 
-def build_tiny_vlm(path: str | Path, family: str = "qwen2_vl", seed: int = 0, **config_kwargs) -> Path:
+def _random_model(auto_class, config, seed: int, eos_token_id: int, pad_token_id: int):
+    """`auto_class.from_config(config)` with weights drawn from `seed` (the caller's RNG is left alone)."""
+    import torch
+    from transformers import GenerationConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto_class.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return model
+
+
+def build_vlm(
+    family: str = "qwen2_vl", seed: int = 0, *, sizes: VLMSizes = VLMSizes(), tokenizer=None, max_pixels: int = 56 * 56
+):
+    """(random model, processor) of a `family` VLM at `sizes`; `tokenizer` defaults to `build_tokenizer()`.
+
+    Weights depend only on `seed`. The embedded default (mmgrpo.pretrain.vlm) is this at larger sizes.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = build_tokenizer() if tokenizer is None else tokenizer
+    processor = build_processor(tokenizer, family, max_pixels=max_pixels, patch_size=sizes.patch_size)
+    config = build_config(len(tokenizer), family, sizes)
+    text = config.text_config
+    model = _random_model(AutoModelForImageTextToText, config, seed, text.eos_token_id, text.pad_token_id)
+    return model, processor
+
+
+def build_tiny_vlm(path: str | Path, family: str = "qwen2_vl", seed: int = 0, **sizes) -> Path:
     """Write a tiny random `family` VLM (model, tokenizer, processor, chat template) to `path`.
 
     Loads back with `AutoProcessor.from_pretrained(path)` and
-    `AutoModelForImageTextToText.from_pretrained(path)`. Weights depend only on `seed`.
+    `AutoModelForImageTextToText.from_pretrained(path)`. `sizes` are `VLMSizes` fields.
     """
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
     path = Path(path)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer, family)
-    config = build_config(len(tokenizer), family, **config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id
-    )
+    model, processor = build_vlm(family, seed, sizes=VLMSizes(**sizes))
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -168,8 +215,7 @@ def build_tiny_vlm(path: str | Path, family: str = "qwen2_vl", seed: int = 0, **
 
 def build_tiny_text_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> Path:
     """Write a tiny random Qwen2 causal LM with the same tokenizer and chat template to `path`."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     path = Path(path)
     tokenizer = build_tokenizer()
@@ -186,10 +232,7 @@ def build_tiny_text_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, n
         pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
         bos_token_id=None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model = _random_model(AutoModelForCausalLM, config, seed, config.eos_token_id, config.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
