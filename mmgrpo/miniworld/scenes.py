@@ -95,16 +95,14 @@ def make_scene(seed: int, kind: str = "image", layout: str | None = None) -> dic
     else:
         looks = _distinct_pairs(rng, int(rng.integers(2, 4)))
     sides = _SIDES["count3"] if len(looks) == 3 else _SIDES["default"]
-    objects = _place(rng, looks, sides, relation)
-    scene = {
-        "kind": "image",
-        "seed": int(seed),
-        "layout": layout,
-        "objects": objects,
-        "relation": relation,
-        "motion": None,
-        "frames": None,
-    }
+    return _scene("image", int(seed), layout, _place(rng, looks, sides, relation), relation=relation)
+
+
+def _scene(kind: str, seed: int, layout: str, objects: list[dict[str, Any]], *, relation: str | None = None,
+           motion: str | None = None, frames: int | None = None) -> dict[str, Any]:
+    """A scene dict in the format of the module docstring, caption included."""
+    scene = {"kind": kind, "seed": seed, "layout": layout, "objects": objects, "relation": relation, "motion": motion,
+             "frames": frames}
     scene["caption"] = caption(scene)
     return scene
 
@@ -177,17 +175,7 @@ def _video_scene(rng: np.random.Generator, seed: int) -> dict[str, Any]:
     y1 = int(rng.integers(lo - min(uy, 0) * travel, hi - max(uy, 0) * travel + 1))
     frames = [_obj(color, shape, x1 + ux * step * t, y1 + uy * step * t, side) for t in range(FRAMES)]
     obj = {**frames[0], "track": [f["center"] for f in frames]}
-    scene = {
-        "kind": "video",
-        "seed": seed,
-        "layout": "motion",
-        "objects": [obj],
-        "relation": None,
-        "motion": motion,
-        "frames": FRAMES,
-    }
-    scene["caption"] = caption(scene)
-    return scene
+    return _scene("video", seed, "motion", [obj], motion=motion, frames=FRAMES)
 
 
 # ----------------------------------------------------------------------------- captions
