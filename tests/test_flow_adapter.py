@@ -327,7 +327,7 @@ def test_shared_noise_runs_the_ode_prefix_once_per_prompt(family):
     calls, handle = count_forward(shared.pipe.transformer)
     ev = shared.sample(PROMPTS, 3, torch.Generator().manual_seed(14), evaluate=True)
     handle.remove()
-    assert calls == [2 * 2] * shared.eval_steps and len(ev.samples) == 6
+    assert calls == [2 * 2] * shared.options.eval_steps and len(ev.samples) == 6
     assert torch.equal(ev.samples[0], ev.samples[2]) and not torch.equal(ev.samples[0], ev.samples[3])
 
 

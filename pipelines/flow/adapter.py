@@ -82,7 +82,6 @@ class FlowAdapter(TunedAdapter):
 
         self.kernel = o.kernel
         self.noise_level = sde.DEFAULT_NOISE_LEVEL[o.kernel] if o.noise_level is None else float(o.noise_level)
-        self.num_steps, self.eval_steps = o.num_steps, o.eval_steps
         self.guidance_scale = o.guidance_scale
         self.decode = o.decode
         self.finetune = o.finetune
@@ -118,7 +117,7 @@ class FlowAdapter(TunedAdapter):
             )
         B, G = len(prompts), int(group_size)
         n = B * G
-        T = self.eval_steps if evaluate else self.num_steps
+        T = self.options.eval_steps if evaluate else self.options.num_steps
         plan = ode_plan(T) if evaluate else self._plan(generator)
         trained = [] if self.kernel == "ode" else list(plan.trained)
         if not evaluate:
