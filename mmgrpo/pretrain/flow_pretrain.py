@@ -240,42 +240,36 @@ def encode_latents(pipe: Any, kind: str, pixels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- stage 2: transformer
 
 
+def flow_family(pipe: Any, kind: str) -> Any:
+    """The FlowAdapter's family object for `pipe` (pipelines/flow/families.py), at the shipped sizes:
+    pretraining encodes captions and calls the transformer exactly as GRPO sampling does."""
+    from mmgrpo.pipelines.flow.families import family_for
+    from mmgrpo.pipelines.flow.options import FlowOptions
+
+    _, family = family_for(pipe)
+    frames = VIDEO_FRAMES if kind == "video" else None
+    return family(pipe, FlowOptions(max_sequence_length=TEXT_LEN, height=32, width=32, num_frames=frames))
+
+
 @torch.no_grad()
 def caption_embeddings(pipe: Any, kind: str, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """{caption: {name: tensor [1, ...]}} for every distinct caption and "" (the CFG negative),
-    through the pipeline's own encode_prompt (the same call the FlowAdapter makes)."""
+    through the family's encode (the pipeline's own encode_prompt, as in the FlowAdapter)."""
+    family = flow_family(pipe, kind)
     distinct = sorted(set(captions) | {""})
     out: dict[str, dict[str, torch.Tensor]] = {}
     for i in range(0, len(distinct), 128):
         chunk = distinct[i : i + 128]
-        if kind == "image":
-            pe, _, pooled, _ = pipe.encode_prompt(
-                prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"), num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
-            )
-            parts = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}  # [b, L, D], [b, P]
-        else:
-            pe, _ = pipe.encode_prompt(
-                prompt=chunk, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=TEXT_LEN, device=torch.device("cpu"), dtype=torch.float32,
-            )
-            parts = {"prompt_embeds": pe}  # [b, L, D]
+        parts = family.encode(chunk, torch.device("cpu"))  # each [b, ...]
         for j, text in enumerate(chunk):
             out[text] = {k: v[j : j + 1] for k, v in parts.items()}
     return out
 
 
-def _forward(pipe: Any, kind: str, x: torch.Tensor, sigma: torch.Tensor, emb: dict[str, torch.Tensor]) -> torch.Tensor:
-    t = sigma * pipe.scheduler.config.num_train_timesteps  # [b]
-    if kind == "image":
-        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb["prompt_embeds"],
-                                pooled_projections=emb["pooled_prompt_embeds"], return_dict=False)[0]
-    return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb["prompt_embeds"], return_dict=False)[0]
-
-
 def train_transformer(pipe: Any, kind: str, latents: torch.Tensor, captions: list[str], recipe: Recipe, seed: int) -> float:
     """Rectified-flow training of pipe.transformer on (latents, captions); returns the final loss (EMA)."""
     table = caption_embeddings(pipe, kind, captions)
+    family = flow_family(pipe, kind)
     names = list(table[""])
     stacked = {k: torch.cat([table[c][k] for c in captions]) for k in names}  # each [n, ...]
     empty = table[""]
@@ -298,7 +292,7 @@ def train_transformer(pipe: Any, kind: str, latents: torch.Tensor, captions: lis
         eps = torch.randn(x0.shape, generator=gen)  # [b, C, ...]
         s = sigma.view(-1, *([1] * (x0.ndim - 1)))
         x = (1 - s) * x0 + s * eps
-        v = _forward(pipe, kind, x, sigma, emb)  # [b, C, ...]
+        v = family.forward(model, x, sigma, emb)  # [b, C, ...]
         loss = F.mse_loss(v.float(), eps - x0)
         _descend(opt, model, loss, warmup_cosine(recipe.lr, step, recipe.steps, warmup=100, floor=0.05))
         ema = _smoothed(ema, loss, 0.02)
