@@ -281,3 +281,39 @@ def test_full_finetuning_reference_is_a_frozen_copy(qwen2_vl):
     assert torch.equal(reference, start)
     assert (after - start)[rollout.mask].abs().max() > 1e-4
     assert all(torch.equal(updated[name], p) for name, p in adapter.trainable_parameters().items())
+
+
+def test_options_are_checked_like_config_keys(qwen2_vl):
+    from mmgrpo.config import ConfigError
+    from mmgrpo.pipelines.vlm import VLMOptions
+
+    assert VLMAdapter.Options is VLMOptions
+    with pytest.raises(ConfigError, match=r"unknown config key 'VLMAdapter.temprature' \(did you mean 'VLMAdapter.temperature'"):
+        VLMAdapter(qwen2_vl, temprature=0.7)
+    with pytest.raises(ConfigError, match="VLMAdapter.finetune = 'ful' is not one of 'lora', 'full'"):
+        VLMAdapter(qwen2_vl, finetune="ful")
+    with pytest.raises(ValueError, match="top_p must be in"):
+        VLMAdapter(qwen2_vl, top_p=0.0)
+    with pytest.raises(ValueError, match="unknown dtype 'bf32'"):
+        VLMAdapter(qwen2_vl, dtype="bf32")
+    # Python callers may pass tuples where YAML gives lists
+    adapter = VLMAdapter(model=qwen2_vl, lora_target_modules=("q_proj",), eos_token_id=(0, 2), max_new_tokens=2)
+    assert adapter.eos_token_ids == [0, 2] and adapter.options.lora_target_modules == ["q_proj"]
+
+
+def test_lora_layers_are_the_named_projections_outside_the_vision_tower(qwen2_5_vl):
+    """LoRA goes on every nn.Linear whose last name component is a target, vision tower excluded
+    unless freeze_vision=False (Qwen2.5-VL's vision MLP has gate/up/down projections too)."""
+    from mmgrpo.pipelines.vlm.adapter import LORA_TARGETS
+
+    plain = VLMAdapter(qwen2_5_vl, finetune="full", keep_reference=False).model  # no LoRA layers
+    linear = {name for name, module in plain.named_modules() if isinstance(module, torch.nn.Linear)}
+    for freeze_vision in (True, False):
+        adapter = VLMAdapter(qwen2_5_vl, freeze_vision=freeze_vision)
+        adapted = {name[: -len(".lora_A")] for name, _ in adapter.model.named_modules() if name.endswith(".lora_A")}
+        expected = {
+            name for name in linear
+            if name.split(".")[-1] in LORA_TARGETS and not (freeze_vision and name.startswith("model.visual."))
+        }  # fmt: skip
+        assert adapted == expected and len(expected) == (14 if freeze_vision else 17)
+        assert any(".visual." in name for name in adapted) == (not freeze_vision)
