@@ -11,15 +11,17 @@ Coordinate conventions (`coords=`):
   `patch_size` (14; for an [n_images, 3] grid, the first image's); else it is computed from
   the original size with Qwen2.5-VL's resize rule (`qwen_resized_size`: multiples of
   patch_size*merge_size = 28 within [min_pixels, max_pixels]). Set `max_pixels=None` to turn
-  that inference off: then, and whenever the original size is unknown, the boxes are taken as original-image pixels.
+  that inference off: then the boxes are taken as original-image pixels. So are they when the
+  original size is unknown, and the reward warns once (per IoUReward) naming the field to add.
 - "relative1000": 0-1000 on each axis (Qwen2-VL, many grounding datasets).
 - "normalized": 0-1 on each axis.
 The two relative conventions need the original image size: without it a row scores None.
 
 Sizes and ground truth are read from the prompt item (a dict) or, failing that, from the meta
 kwarg of the same name (one entry per row):
-- original size: `image_size` (width, height), else `width` and `height`, else `image.size`
-  (a PIL image);
+- original size: `image_size` (width, height), else `width` and `height`, else the size of the
+  prompt's image (`image`, else the first of `images`: a file path, PIL image, array or tensor,
+  read as the VLM adapter reads it; a file's header only);
 - ground truth, in original-image pixels: the first of `gt_keys` ("boxes", "box", "bbox",
   "solution") that is present: one box [x1, y1, x2, y2], a list of boxes, `{"bbox_2d": [...]}`
   objects, a tensor/array of shape [4] or [m, 4], or a string that `parse_boxes` reads (e.g.
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -214,6 +217,19 @@ def _pair(value: Any) -> tuple[float, float] | None:
     return (a, b) if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b) else None
 
 
+def _prompt_image_size(prompt: Any, meta: dict[str, Any], i: int) -> tuple[int, int] | None:
+    """(width, height) of the row's image: the `image` field, else the first of `images`; None without one."""
+    image = _field(prompt, meta, i, "image")
+    if image is None:
+        images = _field(prompt, meta, i, "images")
+        image = images[0] if isinstance(images, (list, tuple)) and images else None
+    if image is None:
+        return None
+    from mmgrpo.pipelines.vlm.media import image_size  # the adapter's reading of image sources
+
+    return image_size(image)
+
+
 class IoUReward:
     """IoU between the boxes a VLM writes and the ground-truth boxes (see the module docstring).
 
@@ -267,6 +283,7 @@ class IoUReward:
         self.patch_size, self.merge_size = patch_size, merge_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.gt_keys, self.max_boxes, self.answer_tag = tuple(gt_keys), max_boxes, answer_tag
+        self._warned_no_size = False  # the missing-size warning is given once per instance
 
     # ---- reading the prompt ---------------------------------------------------------------
     def ground_truth(self, prompt: Any, meta: dict[str, Any], i: int) -> torch.Tensor | None:
@@ -293,8 +310,7 @@ class IoUReward:
             width, height = _field(prompt, meta, i, "width"), _field(prompt, meta, i, "height")
             size = _pair((width, height)) if width is not None and height is not None else None
         if size is None:
-            image = _field(prompt, meta, i, "image")
-            size = _pair(getattr(image, "size", None)) if not callable(getattr(image, "size", None)) else None
+            size = _pair(_prompt_image_size(prompt, meta, i))
         return size
 
     def resized_size(
@@ -323,6 +339,8 @@ class IoUReward:
     def scale(self, prompt: Any, meta: dict[str, Any], i: int) -> tuple[float, float] | None:
         """(sx, sy) that take predicted coordinates to original pixels; None if not known."""
         original = self.original_size(prompt, meta, i)
+        if original is None:
+            self._warn_no_size(i)
         if self.coords == "absolute":
             if original is None:
                 return 1.0, 1.0
@@ -332,6 +350,23 @@ class IoUReward:
             return None
         unit = 1000.0 if self.coords == "relative1000" else 1.0
         return original[0] / unit, original[1] / unit
+
+    def _warn_no_size(self, i: int) -> None:
+        if self._warned_no_size:
+            return
+        self._warned_no_size = True
+        effect = (
+            "its boxes are scored as original-image pixels, without the rescale from the processor's resized image"
+            if self.coords == "absolute"
+            else f"its {self.coords} boxes cannot be scored (score None)"
+        )
+        warnings.warn(
+            f"IoUReward: row {i} has no original image size (no 'image_size', 'width'/'height' or 'image' field), "
+            f"so {effect}; add \"image_size\": [width, height] (original pixels) or the \"image\" to each prompt "
+            f"item. Warned once.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     # ---- scoring ----------------------------------------------------------------------------
     def pair_scores(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

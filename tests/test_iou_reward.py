@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import doctest
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,10 @@ from torchvision.ops import box_iou
 
 import mmgrpo.rewards.iou as iou_module
 from mmgrpo.rewards.iou import IoUReward, parse_boxes, qwen_resized_size
+
+
+# Most tests here give boxes in original pixels on purpose, without an image size.
+pytestmark = pytest.mark.filterwarnings("ignore:IoUReward. row .* has no original image size:UserWarning")
 
 
 def score(reward, text, prompt, **meta):
@@ -119,6 +125,63 @@ def test_image_size_from_pil_image_and_width_height():
     assert score(IoUReward(coords="normalized"), "[0.25, 0.5, 0.75, 1.0]", pil)[0] == pytest.approx(1.0)
     wh = {"width": 200, "height": 100, "box": [50, 50, 150, 100]}
     assert score(IoUReward(coords="normalized"), "[0.25, 0.5, 0.75, 1.0]", wh)[0] == pytest.approx(1.0)
+
+
+def _image_sources(tmp_path):
+    """A 1000x500 (width x height) image in every form a prompt may carry it."""
+    from PIL import Image
+
+    hwc = np.zeros((500, 1000, 3), np.uint8)
+    path = tmp_path / "scene.png"
+    Image.fromarray(hwc).save(path)
+    return {
+        "path": str(path),
+        "pathlib": path,
+        "pil": Image.fromarray(hwc),
+        "array_hwc": hwc,
+        "array_hw": hwc[:, :, 0],
+        "tensor_chw": torch.zeros(3, 500, 1000),
+        "tensor_hwc": torch.zeros(500, 1000, 3, dtype=torch.uint8),
+    }
+
+
+@pytest.mark.parametrize(
+    "form", ["path", "pathlib", "pil", "array_hwc", "array_hw", "tensor_chw", "tensor_hwc", "images_list"]
+)
+def test_absolute_rescale_takes_the_size_from_the_prompt_image(tmp_path, form):
+    """No image_size field: the original size comes from the prompt's image, whatever its form, so a
+    box that is exactly right in the processor's 1008x504 resized pixels scores 1."""
+    sources = _image_sources(tmp_path)
+    text = "<answer>[100.8, 50.4, 504, 252]</answer>"  # the gt in the 1008x504 resized image
+    if form == "images_list":
+        prompt = {"prompt": "where?", "images": [sources["array_hwc"], sources["pil"]], "box": [100, 50, 500, 250]}
+    else:
+        prompt = {"prompt": "where?", "image": sources[form], "box": [100, 50, 500, 250]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the size is known: no missing-size warning
+        assert score(IoUReward(), text, prompt)[0] == pytest.approx(1.0)
+    # the image as a meta kwarg (one per row) works the same way
+    out = IoUReward()([text], ["where?"], image=[sources[form if form != "images_list" else "pil"]],
+                      boxes=[[100, 50, 500, 250]])  # fmt: skip
+    assert out["score"] == pytest.approx([1.0])
+
+
+def test_missing_image_size_warns_once_per_reward_naming_the_field():
+    prompt = {"prompt": "where?", "box": [100, 50, 500, 250]}
+    text = "<answer>[100.8, 50.4, 504, 252]</answer>"
+    reward = IoUReward()
+    with pytest.warns(UserWarning, match=r"no original image size .*add \"image_size\": \[width, height\]") as caught:
+        value = score(reward, text, prompt)[0]
+        score(reward, text, prompt)
+        reward([text, text], [prompt, prompt])
+    assert len([w for w in caught if "image size" in str(w.message)]) == 1
+    assert value < 0.99  # taken as original pixels: not rescaled, as the warning says
+    with pytest.warns(UserWarning, match="cannot be scored"):  # another instance warns again
+        assert score(IoUReward(coords="relative1000"), "[100, 100, 500, 500]", prompt)[0] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score(IoUReward(), text, {**prompt, "image_size": (1000, 500)})
+        score(IoUReward(), text, {**prompt, "width": 1000, "height": 500})
 
 
 # ---- several boxes ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Images and videos for VLM prompts: load from files or arrays, cap the pixels, sample frames.
 
 - `load_image(source, max_pixels=None) -> PIL.Image` accepts a file path, a PIL image, a numpy
-  array (uint8 HW / HWC, or float in [0, 1]) or a torch tensor (CHW or HWC, uint8 or float).
+  array (uint8 HW / HWC, or float in [0, 1]) or a torch tensor (CHW or HWC, uint8 or float);
+  `image_size(source)` is its (width, height) without decoding a file.
 - `load_video(source, fps=2.0, nframes=None, max_pixels=None) -> Video` reads a file with
   decord, sampling frames uniformly at `fps` (clamped to [min_frames, max_frames]) or exactly
   `nframes`; each frame is resized to at most `max_pixels` pixels. Frames already in memory
@@ -61,10 +62,15 @@ def _array_to_uint8_hwc(array: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    """Whether a torch image tensor of `shape` is CHW (else HWC or HW)."""
+    return len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4)
+
+
 def _tensor_to_numpy_hwc(tensor) -> np.ndarray:
     """A torch image tensor (CHW or HWC) as a numpy HWC array of the same dtype family."""
     array = tensor.detach().cpu()
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+    if _channels_first(tuple(array.shape)):
         array = array.permute(1, 2, 0)
     return array.float().numpy() if array.is_floating_point() else array.numpy()
 
@@ -93,6 +99,30 @@ def load_image(source: Any, max_pixels: int | None = None):
             f"unsupported image type {type(source).__name__}: use a file path, PIL image, numpy or torch array"
         )
     return _cap_pixels(image, max_pixels)
+
+
+def image_size(source: Any) -> tuple[int, int] | None:
+    """(width, height) of an image as `load_image` reads it (before any max_pixels cap), or None.
+
+    A file's header alone is read. None: not an image source, or a file that is missing or not an image.
+    """
+    from PIL import Image
+
+    if isinstance(source, (str, Path)):
+        try:
+            with Image.open(source) as opened:
+                return opened.size
+        except OSError:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
+            return None
+    if isinstance(source, Image.Image):
+        return source.size
+    if isinstance(source, np.ndarray) or type(source).__module__.startswith("torch"):
+        shape = tuple(source.shape)
+        if not isinstance(source, np.ndarray) and _channels_first(shape):
+            shape = shape[1:]  # CHW tensor
+        if len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4)):
+            return int(shape[1]), int(shape[0])
+    return None
 
 
 def frame_indices(total: int, native_fps: float, fps: float | None, nframes: int | None,
