@@ -87,20 +87,39 @@ def reward_stats(
 
 
 def primary_summary(ev: dict[str, Any], primary: str) -> dict[str, Any] | None:
-    """The headline of eval.json: the primary reward before and after, its relative gain, and the paired interval.
+    """The headline of eval.json: the primary reward before and after, its gain, and the paired interval.
 
-    None when the run has no "before" and "after" evaluation of that reward. "paired" is None when
-    the two evaluations cannot be paired sample by sample (a run resumed from an older version
-    stored no per-sample values; one resumed with another eval.num_prompts has other lengths).
+    "absolute_gain" is after - before; "relative_gain" divides it by |before|, and is None when the
+    baseline is 0 (no ratio to report; the absolute gain is the headline then). None when the run
+    has no "before" and "after" evaluation of that reward. "paired" is None when the two
+    evaluations cannot be paired sample by sample (a run resumed from an older version stored no
+    per-sample values; one resumed with another eval.num_prompts has other lengths).
     """
     key = f"reward/{primary}/mean"
-    if "before" not in ev or "after" not in ev or ev["before"].get(key) is None:
+    if "before" not in ev or "after" not in ev or ev["before"].get(key) is None or ev["after"].get(key) is None:
         return None
     before, after = ev["before"][key], ev["after"][key]
-    rel = (after - before) / abs(before) if before else math.inf
+    rel = (after - before) / abs(before) if before else None
     samples = [ev[tag].get("per_sample", {}).get(primary) for tag in ("before", "after")]
     paired = paired_gain(*samples) if all(samples) and len(samples[0]) == len(samples[1]) else None
-    return {"reward": primary, "before": before, "after": after, "relative_gain": rel, "paired": paired}
+    return {"reward": primary, "before": before, "after": after, "absolute_gain": after - before,
+            "relative_gain": rel, "paired": paired}  # fmt: skip
+
+
+def gain_text(summary: dict[str, Any]) -> str:
+    """The before -> after line of a primary_summary, e.g. "0.3410 -> 0.4560 (+33.7%, 95% CI ...)".
+
+    Over a baseline of 0 the gain is absolute: "0.0000 -> 0.2500 (+0.2500 absolute; the baseline is 0)".
+    """
+    before, after, paired = summary["before"], summary["after"], summary["paired"]
+    n = paired["n"] if paired else 0
+    if summary["relative_gain"] is None:
+        ci = paired["ci95"] if paired else None
+        ci_text = f", 95% CI {ci[0]:+.4f} to {ci[1]:+.4f} over {n} paired samples" if ci else ""
+        return f"{before:.4f} -> {after:.4f} ({after - before:+.4f} absolute; the baseline is 0{ci_text})"
+    ci = paired["relative_ci95"] if paired else None
+    ci_text = f", 95% CI {ci[0]:+.1%} to {ci[1]:+.1%} over {n} paired samples" if ci else ""
+    return f"{before:.4f} -> {after:.4f} ({summary['relative_gain']:+.1%}{ci_text})"
 
 
 def nanmean(x: torch.Tensor) -> float | None:

@@ -23,7 +23,7 @@ from mmgrpo.checkpoint import atomic_write_text
 from mmgrpo.config import Config, ConfigError, dump_config
 from mmgrpo.data import prompt_text
 from mmgrpo.distributed import Collective
-from mmgrpo.evaluation import primary_summary
+from mmgrpo.evaluation import gain_text, primary_summary
 from mmgrpo.protocols import Adapter
 from mmgrpo.rollout import Rollout
 
@@ -123,10 +123,7 @@ class RunDir:
             return
         ev["primary"] = summary
         atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
-        before, after, rel, paired = summary["before"], summary["after"], summary["relative_gain"], summary["paired"]
-        ci = paired["relative_ci95"] if paired else None
-        ci_text = f", 95% CI {ci[0]:+.1%} to {ci[1]:+.1%} over {paired['n']} paired samples" if ci else ""
-        print(f"held-out {primary}: {before:.4f} -> {after:.4f} ({rel:+.1%}{ci_text}); run saved in {self.path}")
+        print(f"held-out {primary}: {gain_text(summary)}; run saved in {self.path}")
 
 
 def _json_float(x: torch.Tensor) -> float | None:
