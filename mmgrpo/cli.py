@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 EPILOG = """examples:
   mmgrpo train --modality toy                          train the toy policy with its default config
@@ -25,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Group-relative policy optimization (GRPO) for image, video, VLM, speech and masked-diffusion models.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMGRPO_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -60,41 +65,120 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmgrpo.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get("MMGRPO_DEBUG", "").strip() not in ("", "0")
     try:
-        if args.command == "train":
-            return _train(args, parser)
-        if args.command == "list":
-            return _list()
-        if args.command == "plot":
-            return _plot(args)
-    except ConfigError as e:
-        print(f"mmgrpo: error: {e}", file=sys.stderr)
+        code = _run(args, parser)
+        sys.stdout.flush()  # a reader that went away (`mmgrpo list | head`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except Exception as e:
+        if debug or not _user_error(e):
+            raise
+        if process_rank(os.environ) == 0:  # under torchrun every process fails alike: one says so
+            print(f"mmgrpo: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmgrpo: interrupted; the last checkpoint is intact (resume with --resume DIR)", file=sys.stderr)
         return 130
-    return 0
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "train":
+        return _train(args, parser)
+    if args.command == "list":
+        return _list()
+    return _plot(args)
+
+
+# ------------------------------------------------------------------------------- errors and launchers
+
+MAX_ERROR_CHARS = 1000  # a 5 MB prompt quoted in an error is cut, not echoed into the terminal
+
+
+def _user_error(error: BaseException) -> bool:
+    """A mistake the user can fix (a config, a prompt, a reward): one line, no traceback."""
+    from mmgrpo.config import ConfigError
+
+    scoring = sys.modules.get("mmgrpo.scoring")  # not imported: no reward ran, so no RewardError
+    return isinstance(error, ConfigError) or (scoring is not None and isinstance(error, scoring.RewardError))
+
+
+def one_line(message: str) -> str:
+    """An error message as one line of at most MAX_ERROR_CHARS characters."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+    return text
+
+
+def _closed_pipe() -> int:
+    """stdout's reader is gone: say nothing more, as `cat | head` does (128 + SIGPIPE)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def _env_int(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return default
+
+
+def process_rank(env: Mapping[str, str]) -> int:
+    """This process's rank as torchrun (RANK) or MPI set it; 0 when started alone."""
+    return _env_int(env, ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"), 0)
+
+
+def launched_processes(env: Mapping[str, str]) -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE, or MPI's); 1 when started alone."""
+    return _env_int(env, ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+
+
+def launcher_mismatch(env: Mapping[str, str]) -> str | None:
+    """A warning when `accelerate launch` was asked for several processes but started one.
+
+    accelerate's simple launcher (taken with --cpu, or without several GPUs) runs ONE process;
+    it still exports MASTER_ADDR/MASTER_PORT when --num_processes > 1, next to its ACCELERATE_*
+    settings, while a real multi-process launch also sets WORLD_SIZE (torchrun) or MPI's size.
+    """
+    asked_for_more = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env
+    if not asked_for_more or launched_processes(env) > 1:
+        return None
+    return (
+        "accelerate launch was asked for more than one process but started 1 process (with --cpu, or without "
+        "that many GPUs, it runs one): this run trains in 1 process. For N CPU processes use "
+        "`torchrun --nproc_per_node N -m mmgrpo.cli train ...`"
+    )
+
+
+# ------------------------------------------------------------------------------- commands
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from mmgrpo.config import ConfigError
+    from mmgrpo.config import ConfigError, modality_config_path
 
+    warning = launcher_mismatch(os.environ)
+    if warning:
+        print(f"mmgrpo: warning: {warning}", file=sys.stderr, flush=True)
     if args.resume is None and args.modality is None and args.config is None:
         parser.error("train needs --modality M, --config FILE or --resume DIR")
     if args.resume is not None and (args.modality or args.config):
         raise ConfigError("--resume takes the config saved in the run directory: drop --modality/--config")
     if args.resume is not None and not (args.resume / "config.yaml").is_file():
         raise ConfigError(f"cannot resume: '{args.resume}' has no config.yaml (is it a run directory?)")
+    # --config always names a file (a Path); --modality always a shipped config
+    source = args.config if args.config is not None or args.resume else modality_config_path(args.modality)
     from mmgrpo.trainer import train
 
-    source = args.config if args.config is not None else args.modality
     result = train(
         source,
         out=args.out,
@@ -104,7 +188,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress=not args.no_progress,
     )
     last = result.metrics[-1] if result.metrics else {}
-    if last:
+    if last and process_rank(os.environ) == 0:
         print(f"finished step {last['step']}: reward/mean {last['reward/mean']:.4f}; metrics in {result.out_dir}")
     return 0
 

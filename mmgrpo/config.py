@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class OptimConfig:
     warmup_steps: int = 0
     ema_decay: float | None = None  # EMA of trainable weights (used for the final eval)
     ema_every: int = 1
+    # training steps the LR schedule spans; null: train.max_steps at the start of the run. A run
+    # writes the resolved value into its config.yaml, so extending max_steps on resume keeps the curve.
+    horizon: int | None = None
 
 
 @dataclass
@@ -241,6 +245,45 @@ def validate(cfg: Config) -> None:
             "loss.kl_convention=flow_grpo scales the closed-form Gaussian KL: set loss.kl_closed_form=true "
             "or loss.kl_convention=exact"
         )
+    _validate_ranges(cfg)
+    _validate_run_keys(cfg)
+
+
+def _validate_run_keys(cfg: Config) -> None:
+    """Reward weights a weighted sum can use, and the LR schedule's horizon."""
+    for i, reward in enumerate(cfg.rewards):
+        if not math.isfinite(reward.weight):
+            raise ConfigError(f"rewards.{i}.weight must be a finite number, got {reward.weight}")
+    if cfg.optim.horizon is not None and cfg.optim.horizon < 1:
+        raise ConfigError(f"optim.horizon must be at least 1 (or null for train.max_steps), got {cfg.optim.horizon}")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Values that would train on nothing, diverge at the first step or fail only at the final eval."""
+    lr, betas = cfg.optim.lr, cfg.optim.betas
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"optim.lr must be a finite number >= 0, got {lr}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas} (Adam's default: [0.9, 0.999])")
+    if not cfg.advantage.eps >= 0:
+        raise ConfigError(f"advantage.eps must be >= 0, got {cfg.advantage.eps}")
+    for where, value in (("train.dynamic_sampling_max_rounds", cfg.train.dynamic_sampling_max_rounds),
+                         ("eval.batch_size", cfg.eval.batch_size),
+                         ("eval.samples_per_prompt", cfg.eval.samples_per_prompt)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{where} must be at least 1, got {value}")
+    if cfg.eval.num_prompts < 0:
+        raise ConfigError(f"eval.num_prompts must be >= 0 (0: no eval), got {cfg.eval.num_prompts}")
+    if cfg.advantage.estimator == "ngrpo" and cfg.advantage.max_reward is None:
+        raise ConfigError(
+            "advantage.estimator=ngrpo needs advantage.max_reward (the reward of its virtual best sample), "
+            "e.g. --set advantage.max_reward=1.0"
+        )
+    if cfg.rewards and all(r.weight == 0 for r in cfg.rewards):
+        raise ConfigError(
+            f"every reward has weight 0 ({', '.join(r.name for r in cfg.rewards)}): there is nothing to train on; "
+            "give the reward to maximise a weight, e.g. --set rewards.0.weight=1"
+        )
 
 
 # ---------------------------------------------------------------- overrides and files
@@ -292,40 +335,53 @@ def available_modalities() -> list[str]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file; a missing, unreadable, empty or non-mapping file is one ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        shipped = path.name in available_modalities()
+        hint = f" (the shipped config of that name is --modality {path.name})" if shipped else ""
+        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
-    if data is None:
-        return {}
+    if not data and isinstance(data, (dict, type(None))):  # an empty run would silently train the defaults
+        raise ConfigError(
+            f"config file {str(path)!r} is empty: start from a shipped config (see `mmgrpo list`), "
+            "e.g. copy configs/toy.yaml"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data
 
 
 def modality_config_path(modality: str) -> Path:
-    path = config_dir() / f"{modality}.yaml"
-    if not path.is_file():
-        names = available_modalities()
+    """The shipped config of a modality name (never a file of the user's: that is --config)."""
+    names = available_modalities()
+    if modality not in names:
         close = difflib.get_close_matches(modality, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
+        if Path(modality).suffix in (".yaml", ".yml"):
+            hint = " (a YAML file of your own is --config FILE)"
         raise ConfigError(f"unknown modality '{modality}'{hint}; available: {', '.join(names)}")
-    return path
+    return config_dir() / f"{modality}.yaml"
 
 
 def load_config(source: str | Path | dict | Config | None = None, overrides: list[str] = ()) -> Config:
-    """A Config from a modality name, a YAML path, a dict or a Config, with `key=value` overrides."""
+    """A Config from a modality name, a YAML path, a dict or a Config, with `key=value` overrides.
+
+    A Path always names a file; a string names a file when it ends in .yaml/.yml or exists, else a modality.
+    """
     if isinstance(source, Config):
         data = source.to_dict()
     elif isinstance(source, dict):
         data = source
     elif source is None:
         data = {}
-    elif str(source).endswith((".yaml", ".yml")) or Path(str(source)).is_file():
+    elif isinstance(source, Path) or str(source).endswith((".yaml", ".yml")) or Path(str(source)).is_file():
         data = read_yaml(source)
     else:
         data = read_yaml(modality_config_path(str(source)))
@@ -341,3 +397,65 @@ def _deepcopy(data: Any) -> Any:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- what a resumed run may change
+
+# How long a run goes on and what it writes, never what it computes: any other key changed on
+# resume would make another run under the same name (and a config.yaml that no longer tells it).
+RESUMABLE_KEYS = (
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.gallery_every",
+    "train.num_threads",
+    "train.log_with",
+    "eval.gallery",
+    "optim.horizon",
+)
+
+
+def resolve_horizon(cfg: Config) -> Config:
+    """cfg (in place) with optim.horizon set: as given, else train.max_steps."""
+    if cfg.optim.horizon is None:
+        cfg.optim.horizon = cfg.train.max_steps
+    return cfg
+
+
+def resume_config(saved: Config, overrides: list[str] = (), max_steps: int | None = None) -> Config:
+    """The config a resumed run goes on with: its saved config plus the changes a run may take mid-way.
+
+    `--set` overrides and `--max-steps` may change RESUMABLE_KEYS only; any other changed key is one
+    ConfigError naming it. optim.horizon stays the saved one (for a config.yaml written before the key
+    existed: its train.max_steps) unless an override sets it, so extending max_steps keeps the LR curve;
+    setting optim.horizon on resume re-shapes the schedule from the resume point on, as asked.
+    """
+    saved = resolve_horizon(load_config(saved))
+    wanted = load_config(saved, list(overrides))
+    if max_steps is not None:
+        wanted.train.max_steps = max_steps
+    if wanted.optim.horizon is None:
+        wanted.optim.horizon = saved.optim.horizon
+    old, new = _flat(saved.to_dict()), _flat(wanted.to_dict())
+    changed = [k for k in dict.fromkeys([*old, *new]) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    refused = [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(refused)} (the run would no longer be the one its checkpoints "
+            f"and metrics record): start a new run with --out; on resume only {', '.join(RESUMABLE_KEYS)} may change"
+        )
+    return wanted
+
+
+_ABSENT = object()
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.0.c": leaf} of nested dicts and lists (an empty dict or list is a leaf)."""
+    if not isinstance(value, (dict, list)) or not value:
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    out: dict[str, Any] = {}
+    for key, child in items:
+        out.update(_flat(child, _join(prefix, key)))
+    return out
