@@ -1,27 +1,36 @@
-"""Atomic checkpoints: trainable weights as safetensors, plus optimizer, schedule, EMA, RNG and data order.
+"""Atomic checkpoints without pickles: tensors as safetensors, everything else as JSON.
 
 Layout of DIR/checkpoints/step_000042/:
-  trainable.safetensors   the trainable weights by name
-  ema.safetensors         EMA of those weights (when enabled)
-  trainer.pt              optimizer, LR schedule, data order, global RNG states, step
-  rng_rank{r}.pt          the sampling generator of each process
-  adapter.pt              the adapter's own sampler state (when it has any)
+  trainable.safetensors    the trainable weights by name
+  ema.safetensors          EMA of those weights (when enabled)
+  trainer.json             step, LR schedule, data order, optimizer settings, Python and NumPy RNG states
+  trainer.safetensors      the optimizer's tensors (Adam moments, step counts) and torch's global RNG state
+  rng_rank{r}.safetensors  the sampling generator of each process
+  adapter.json             the adapter's own sampler state (when it has any)
+Nothing in a checkpoint is a pickle, so a run directory can hold data but never code: resume
+reads JSON and safetensors only, and refuses the trainer.pt pickles older versions wrote.
 A checkpoint is written into a hidden temporary folder and renamed into place, then the
-`latest` file is replaced atomically: a crash mid-write never leaves a half checkpoint.
+`latest` file is replaced atomically: a crash mid-write never leaves a half checkpoint. One
+damaged later (a truncated or deleted file, garbage in `latest`) is skipped with a warning
+line, and resume falls back to the newest intact checkpoint.
 `save` and `restore` take one TrainState, everything a run carries from step to step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmgrpo.config import ConfigError
@@ -33,6 +42,15 @@ if TYPE_CHECKING:
     from mmgrpo.protocols import Adapter
 
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_(\d+)")
+TRAINER_KEYS = (
+    "step", "world_size", "order", "scheduler", "optimizer", "ema_updates", "has_ema", "has_adapter_state", "global_rng"
+)  # fmt: skip
+TORCH_RNG = "rng/torch"  # torch's global RNG state in trainer.safetensors
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder that cannot be read back; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -58,22 +76,26 @@ def save(state: TrainState, root: Path, comm: Collective, keep: int) -> None:
     comm.barrier()
     write_rank(stage, comm.rank, state.generator)
     if comm.is_main:
+        has_adapter_state = hasattr(state.adapter, "sampler_state")
         trainer_state = {
             "step": state.step,
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "order": state.order.state_dict(),
-            "ema_updates": state.ema.updates if state.ema else 0,
             "world_size": comm.world_size,
+            "order": state.order.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "ema_updates": state.ema.updates if state.ema else 0,
+            "has_ema": state.ema is not None,
+            "has_adapter_state": has_adapter_state,
         }
-        sampler_state = state.adapter.sampler_state() if hasattr(state.adapter, "sampler_state") else None
         write_main(
             stage,
             params=state.params,
             ema=state.ema.shadow if state.ema else None,
             trainer_state=trainer_state,
-            adapter_state=sampler_state,
+            optimizer_state=state.optimizer.state_dict(),
         )
+        if has_adapter_state:
+            what = f"{type(state.adapter).__name__}.sampler_state()"
+            write_json(stage / "adapter.json", state.adapter.sampler_state(), what)
     comm.barrier()
     if comm.is_main:
         publish(root, state.step, keep)
@@ -81,33 +103,49 @@ def save(state: TrainState, root: Path, comm: Collective, keep: int) -> None:
 
 
 def restore(state: TrainState, root: Path, comm: Collective) -> Path:
-    """Load the latest checkpoint under root into `state` (in place); returns its folder."""
-    path = latest(root)
-    if path is None:
+    """Load the newest intact checkpoint under root into `state` (in place); returns its folder.
+
+    A damaged checkpoint is skipped with one warning line on stderr naming it and the file at
+    fault; with none intact, one ConfigError line lists them all.
+    """
+    paths, skipped = candidates(root)
+    if not paths and not skipped:
         raise ConfigError(f"nothing to resume: '{root}' has no checkpoint")
-    saved = load(path, comm.rank)
-    if saved["world_size"] != comm.world_size:
-        raise ConfigError(
-            f"checkpoint {path} was written by {saved['world_size']} processes; resume with the same number"
-        )
+    for note in skipped:
+        _warn(comm, note)
+    for path in paths:
+        try:
+            saved = load(path, comm.rank, comm.world_size)
+        except CorruptCheckpoint as e:
+            skipped.append(f"{path}: {e}")
+            _warn(comm, f"skipped damaged checkpoint {path}: {e}")
+            continue
+        apply(state, saved, path, comm)
+        if skipped and comm.is_main:  # point `latest` at what was resumed, so the next resume does not warn again
+            atomic_write_text(root / LATEST, path.name + "\n")
+        return path
+    raise ConfigError(f"no intact checkpoint to resume in '{root}': {'; '.join(skipped)}")
+
+
+def apply(state: TrainState, saved: dict[str, Any], path: Path, comm: Collective) -> None:
+    """Copy a loaded checkpoint into `state` (weights, optimizer, schedule, data order, every RNG)."""
     mismatch = set(state.params) ^ set(saved["params"])
     if mismatch:
         raise ConfigError(f"checkpoint {path} does not match the adapter's trainable weights: {sorted(mismatch)[:5]}")
     with torch.no_grad():
         for name, p in state.params.items():
             p.copy_(saved["params"][name].to(p.device, p.dtype))
-    state.optimizer.load_state_dict(saved["optimizer"])
+    state.optimizer.load_state_dict(join_optimizer(saved["optimizer"], saved["tensors"], state.optimizer.state_dict()))
     state.scheduler.load_state_dict(saved["scheduler"])
     state.order.load_state_dict(saved["order"])
     state.generator.set_state(saved["generator"])
     if state.ema is not None and saved["ema"] is not None:
         state.ema.shadow = {k: v.float() for k, v in saved["ema"].items()}
         state.ema.updates = saved["ema_updates"]
-    if saved["adapter"] is not None and hasattr(state.adapter, "load_sampler_state"):
+    if saved["has_adapter_state"] and hasattr(state.adapter, "load_sampler_state"):
         state.adapter.load_sampler_state(saved["adapter"])
-    restore_global_rng(saved["global_rng"])
+    restore_global_rng(saved["global_rng"], saved["tensors"][TORCH_RNG])
     state.step = saved["step"]
-    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,8 +162,19 @@ def staging_dir(root: Path, step: int) -> Path:
     return root / f".tmp-step_{step:06d}"
 
 
+# ------------------------------------------------------------------------------- writing
+
+
 def write_weights(path: Path, params: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(path))
+
+
+def write_json(path: Path, data: Any, what: str) -> None:
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON data (dicts, lists, strings, finite numbers): {e}") from None
+    path.write_text(text)
 
 
 def write_main(
@@ -134,21 +183,22 @@ def write_main(
     params: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor] | None,
     trainer_state: dict[str, Any],
-    adapter_state: Any | None,
+    optimizer_state: dict[str, Any],
 ) -> None:
-    """What the main process writes into the staging folder."""
+    """What the main process writes into the staging folder (besides the adapter's state)."""
     write_weights(stage / "trainable.safetensors", params)
     if ema is not None:
         write_weights(stage / "ema.safetensors", ema)
-    global_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({**trainer_state, "global_rng": global_rng}, stage / "trainer.pt")
-    if adapter_state is not None:
-        torch.save(adapter_state, stage / "adapter.pt")
+    optimizer, tensors = split_optimizer(optimizer_state)
+    global_rng, tensors[TORCH_RNG] = global_rng_state()
+    write_weights(stage / "trainer.safetensors", tensors)
+    trainer_json = {**trainer_state, "optimizer": optimizer, "global_rng": global_rng}
+    write_json(stage / "trainer.json", trainer_json, "the trainer state")
 
 
 def write_rank(stage: Path, rank: int, generator: torch.Generator) -> None:
-    """What every process writes: its own sampling generator."""
-    torch.save(generator.get_state(), stage / f"rng_rank{rank}.pt")
+    """What every process writes: its own sampling generator (a uint8 tensor)."""
+    save_file({"generator": generator.get_state()}, str(stage / f"rng_rank{rank}.safetensors"))
 
 
 def publish(root: Path, step: int, keep: int) -> Path:
@@ -162,39 +212,142 @@ def publish(root: Path, step: int, keep: int) -> Path:
         shutil.rmtree(final)
     os.replace(stage, final)
     atomic_write_text(root / LATEST, final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+    for old in step_dirs(root)[keep:] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest(root: Path) -> Path | None:
+# ------------------------------------------------------------------------------- finding and reading
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The step_* checkpoint folders under root, newest step first."""
+    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STEP_NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def candidates(root: Path) -> tuple[list[Path], list[str]]:
+    """Checkpoint folders to try, the one `latest` names first, then newest first; and a note when
+    `latest` names no checkpoint folder (it is then ignored)."""
+    paths, notes = step_dirs(root), []
     pointer = root / LATEST
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if path.is_dir():
-            return path
-    steps = sorted(root.glob("step_*"))
-    return steps[-1] if steps else None
+        name = pointer.read_bytes().decode("utf-8", "replace").strip()
+        target = root / name
+        if STEP_NAME.fullmatch(name) and target in paths:
+            paths.remove(target)
+            paths.insert(0, target)
+        else:
+            notes.append(f"ignored {pointer}: it names {name[:40]!r}, which is not a checkpoint folder")
+    return paths, notes
 
 
-def load(path: Path, rank: int) -> dict[str, Any]:
-    """Everything saved in one checkpoint folder, for process `rank`."""
-    state = torch.load(path / "trainer.pt", weights_only=False)
-    state["params"] = load_file(str(path / "trainable.safetensors"))
-    ema_path = path / "ema.safetensors"
-    state["ema"] = load_file(str(ema_path)) if ema_path.is_file() else None
-    rng_path = path / f"rng_rank{rank}.pt"
-    if not rng_path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} has no sampling state for process {rank}: resume with the same number of processes"
+def latest(root: Path) -> Path | None:
+    """The checkpoint folder resume tries first (None when there is none)."""
+    paths, _ = candidates(root)
+    return paths[0] if paths else None
+
+
+def load(path: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Everything saved in one checkpoint folder, for process `rank` of `world_size`.
+
+    Reads JSON and safetensors only; raises CorruptCheckpoint naming the first file that is
+    missing or unreadable (every process checks every process's file, so all pick the same folder).
+    """
+    if not (path / "trainer.json").is_file() and (path / "trainer.pt").is_file():
+        raise CorruptCheckpoint(
+            "trainer.pt is a pickle written by an older mmgrpo; pickles can run code, so it is not loaded"
         )
-    state["generator"] = torch.load(rng_path, weights_only=False)
-    adapter_path = path / "adapter.pt"
-    state["adapter"] = torch.load(adapter_path, weights_only=False) if adapter_path.is_file() else None
-    return state
+    saved = read_json(path / "trainer.json")
+    lacking = [k for k in TRAINER_KEYS if k not in saved] if isinstance(saved, dict) else ["everything"]
+    if lacking:
+        raise CorruptCheckpoint(f"trainer.json lacks {lacking[0]!r}")
+    if saved["world_size"] != world_size:
+        raise ConfigError(
+            f"checkpoint {path} was written by {saved['world_size']} processes; resume with the same number"
+        )
+    saved["tensors"] = read_tensors(path / "trainer.safetensors")
+    for name in [*saved["optimizer"]["tensors"], TORCH_RNG]:
+        if name not in saved["tensors"]:
+            raise CorruptCheckpoint(f"trainer.safetensors lacks {name!r}")
+    saved["params"] = read_tensors(path / "trainable.safetensors")
+    saved["ema"] = read_tensors(path / "ema.safetensors") if saved["has_ema"] else None
+    for r in range(world_size):
+        generator = read_tensors(path / f"rng_rank{r}.safetensors").get("generator")
+        if generator is None:
+            raise CorruptCheckpoint(f"rng_rank{r}.safetensors lacks 'generator'")
+        if r == rank:
+            saved["generator"] = generator
+    saved["adapter"] = read_json(path / "adapter.json") if saved["has_adapter_state"] else None
+    return saved
 
 
-def restore_global_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{path.name} is missing")
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptCheckpoint(f"{path.name} is not valid JSON ({e})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # truncated, or not a safetensors file at all
+        raise CorruptCheckpoint(f"{path.name} is not a readable safetensors file ({e})") from None
+
+
+def _warn(comm: Collective, message: str) -> None:
+    if comm.is_main:
+        print(f"mmgrpo: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- state as JSON + tensors
+
+
+def split_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An optimizer state_dict as JSON data plus named tensors "optimizer/<param index>/<slot>"."""
+    plain: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for index, slots in state_dict["state"].items():
+        plain[str(index)] = {}
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{slot}"] = value
+            else:
+                plain[str(index)][slot] = value
+    data = {"state": plain, "param_groups": state_dict["param_groups"], "tensors": sorted(tensors)}
+    return data, tensors
+
+
+def join_optimizer(data: dict[str, Any], tensors: dict[str, torch.Tensor], current: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state_dict split_optimizer took apart; tuples (Adam's betas) come back as tuples,
+    as in the `current` state_dict of the optimizer it is loaded into."""
+    state = {int(index): dict(slots) for index, slots in data["state"].items()}
+    for name in data["tensors"]:
+        _, index, slot = name.split("/", 2)
+        state[int(index)][slot] = tensors[name]
+    groups = []
+    for i, group in enumerate(data["param_groups"]):
+        like = current["param_groups"][i] if i < len(current["param_groups"]) else {}
+        groups.append({k: tuple(v) if isinstance(like.get(k), tuple) else v for k, v in group.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def global_rng_state() -> tuple[dict[str, Any], torch.Tensor]:
+    """Python's and NumPy's global RNG states as plain lists and ints, and torch's as a uint8 tensor."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    plain = {"python": [version, list(internal), gauss], "numpy": [name, key.tolist(), pos, has_gauss, cached]}
+    return plain, torch.get_rng_state()
+
+
+def restore_global_rng(plain: dict[str, Any], torch_state: torch.Tensor) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -10,13 +9,15 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path, smooth: int = 5
     """Plot reward/mean and every reward/<name>/mean against step (raw and a running mean), plus loss."""
     import matplotlib
 
+    from mmgrpo.rundir import read_metrics_file
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics_path, out_path = Path(metrics_path), Path(out_path)
     if not metrics_path.is_file():
         raise FileNotFoundError(f"no metrics file at '{metrics_path}': pass a run directory made by 'mmgrpo train'")
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics_file(metrics_path)  # drops a torn last line; a bad line before it is a ConfigError
     keys = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/mean")})
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     for key in keys:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,15 +72,14 @@ class RunDir:
                 f.write(json.dumps(stats) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics_file(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after `step` (they belong to the run that did not reach a checkpoint)."""
+        """Drop metrics logged after `step` (they belong to the run that did not reach a checkpoint),
+        and a last line torn by a process killed mid-write."""
         if self.comm.is_main:
             kept = [m for m in self.read_metrics() if m["step"] <= step]
-            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def read_eval(self) -> dict[str, Any]:
         return json.loads(self.eval_path.read_text()) if self.eval_path.is_file() else {}
@@ -124,6 +124,28 @@ class RunDir:
         ev["primary"] = summary
         atomic_write_text(self.eval_path, json.dumps(ev, indent=2) + "\n")
         print(f"held-out {primary}: {gain_text(summary)}; run saved in {self.path}")
+
+
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The steps logged in a metrics.jsonl. A torn last line (a process killed while writing it) is
+    dropped with a warning; an unreadable line before it is a ConfigError naming its number."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for n, line in numbered:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == numbered[-1][0]:
+            print(f"mmgrpo: warning: dropped line {n} of {path}, torn by a process stopped mid-write", file=sys.stderr)
+        else:
+            raise ConfigError(f"{path} line {n} is not JSON: repair or delete that line, then run again")
+    return rows
 
 
 def _json_float(x: torch.Tensor) -> float | None:
