@@ -102,6 +102,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; a final checkpoint is always written
     keep_checkpoints: int = 2
     gallery_every: int = 0  # steps between training galleries (0: only before/after)
+    # trackers that mirror metrics.jsonl and the galleries' media: "tensorboard" (RUN_DIR/tensorboard/) and/or
+    # "wandb" (offline under RUN_DIR/wandb/ unless WANDB_MODE says otherwise); pip install 'mmgrpo[track]'
+    log_with: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -247,6 +250,9 @@ def validate(cfg: Config) -> None:
         )
     _validate_ranges(cfg)
     _validate_run_keys(cfg)
+    from mmgrpo.tracking import check_trackers  # tracking imports ConfigError from here
+
+    check_trackers(t.log_with)
 
 
 def _validate_run_keys(cfg: Config) -> None:
