@@ -4,10 +4,13 @@
       log_with: [tensorboard, wandb]
 
 metrics.jsonl stays the record of a run; trackers are where people look. TensorBoard writes
-event files under RUN_DIR/tensorboard/mmgrpo/ (`tensorboard --logdir RUN_DIR/tensorboard`); W&B runs in offline mode under RUN_DIR/wandb/ unless
-WANDB_MODE says otherwise (these machines have no network: `wandb sync RUN_DIR/wandb/offline-run-*`
-uploads a run later). Gallery media are logged from the files the run directory exports: PNG
-images, videos as their PNG contact sheet (and the MP4 itself on W&B), WAV audio, and text.
+event files under RUN_DIR/tensorboard/mmgrpo/ (`tensorboard --logdir RUN_DIR/tensorboard`); a
+resumed run hides what the stopped one logged after its checkpoint (SummaryWriter's purge_step).
+W&B runs in offline mode under RUN_DIR/wandb/ unless WANDB_MODE says otherwise (these machines
+have no network: `wandb sync RUN_DIR/wandb/offline-run-*` uploads a run later; a resumed run is a
+new W&B run of the same name). Gallery media are logged from the files the run directory exports:
+PNG images, videos as their PNG contact sheet (and the MP4 itself on W&B), WAV audio, and text.
+Only the main process logs.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ PROJECT = "mmgrpo"
 
 def check_trackers(names: Sequence[str]) -> None:
     """One ConfigError line for an unknown tracker or one whose package is missing (before any run starts)."""
+    import difflib
     import importlib.util
 
     for name in names:
         if name not in TRACKERS:
-            raise ConfigError(f"train.log_with: unknown tracker '{name}': use {' and/or '.join(TRACKERS)}")
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"train.log_with: unknown tracker '{name}'{hint}: use {' and/or '.join(TRACKERS)}")
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise ConfigError(
                 f"train.log_with: '{name}' needs the package '{PACKAGES[name]}': pip install 'mmgrpo[track]'"
@@ -40,10 +46,6 @@ def accelerator_kwargs(names: Sequence[str], run_dir: Path) -> dict[str, Any]:
     """Keyword arguments for accelerate.Accelerator that set up the trackers of a run in run_dir."""
     if not names:
         return {}
-    if "wandb" in names:
-        os.environ.setdefault("WANDB_MODE", "offline")  # no network here; WANDB_MODE=online overrides
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-        os.environ.setdefault("WANDB_SILENT", "true")
     from accelerate.utils import ProjectConfiguration
 
     config = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
@@ -56,13 +58,21 @@ class Trackers:
     def __init__(self, accelerator: Any, names: Sequence[str]) -> None:
         self.accelerator, self.names = accelerator, list(names)
 
-    def start(self, config: dict[str, Any], run_name: str) -> None:
+    def start(self, config: dict[str, Any], run_name: str, step: int = 0) -> None:
+        """Open the trackers of a run that starts at `step` (a resumed run: the step of its checkpoint)."""
         if not self.names or self.accelerator is None:
             return
-        init = {"tensorboard": {}, "wandb": {"name": run_name}}
-        self.accelerator.init_trackers(
-            PROJECT, config=_flat(config), init_kwargs={n: init[n] for n in self.names}
-        )
+        init: dict[str, dict[str, Any]] = {"tensorboard": {"purge_step": step + 1} if step else {}}
+        if "wandb" in self.names:
+            import wandb
+
+            init["wandb"] = {
+                "name": run_name,
+                "dir": self.accelerator.project_dir,  # W&B makes its wandb/ folder in there
+                "mode": os.environ.get("WANDB_MODE", "offline"),  # no network here; WANDB_MODE=online overrides
+                "settings": wandb.Settings(silent=True, console="off"),
+            }
+        self.accelerator.init_trackers(PROJECT, config=_flat(config), init_kwargs={n: init[n] for n in self.names})
 
     def log(self, stats: dict[str, Any], step: int) -> None:
         if not self.names or self.accelerator is None:
@@ -82,6 +92,8 @@ class Trackers:
                 self._log_file(run_dir / entry["file"], name, caption, step)
             elif isinstance(entry.get("sample"), str):
                 self._log_text(name, f"{caption}\n\n{entry['sample']}", step)
+        if "tensorboard" in self.names:
+            self._writer().flush()  # accelerator.log flushes metrics; media are written here directly
 
     def finish(self) -> None:
         if self.names and self.accelerator is not None:
