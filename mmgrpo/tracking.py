@@ -99,6 +99,12 @@ class Trackers:
         if self.names and self.accelerator is not None:
             self.accelerator.end_training()
 
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()  # however the run ends: what was logged is flushed and the W&B run closed
+
     # ------------------------------------------------------------------ media
 
     def _log_file(self, path: Path, name: str, caption: str, step: int) -> None:
