@@ -83,9 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         if process_rank(os.environ) == 0:  # under torchrun every process fails alike: one says so
             print(f"mmgrpo: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mmgrpo: interrupted; the last checkpoint is intact (resume with --resume DIR)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if process_rank(os.environ) == 0:
+            print(f"mmgrpo: interrupted; {_after_interrupt(e)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(error: KeyboardInterrupt) -> str:
+    """What an interrupted run left: train() names its directory on the exception (RunDir.__exit__)."""
+    run_dir = getattr(error, "run_dir", None)
+    if run_dir is None:
+        return "no run directory was made yet"
+    from mmgrpo.rundir import resume_hint
+
+    return resume_hint(run_dir)
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

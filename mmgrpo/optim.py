@@ -4,6 +4,7 @@ the EMA of the weights (used for the final evaluation)."""
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,7 +27,11 @@ def trainable_weights(adapter: Any) -> dict[str, torch.nn.Parameter]:
 def build_optimizer(
     params: dict[str, torch.nn.Parameter], cfg: OptimConfig, total_updates: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, EMA | None]:
-    """AdamW, its LR schedule over `total_updates` optimizer steps, and the EMA (None when disabled)."""
+    """AdamW, its LR schedule over `total_updates` optimizer steps, and the EMA (None when disabled).
+
+    The trainer passes optim.horizon x train.num_iterations: the schedule spans the run's horizon,
+    which stays put when a resumed run extends train.max_steps.
+    """
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_updates))
     ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay else None
@@ -48,6 +53,23 @@ def lr_factor(cfg: OptimConfig, total: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One schedule step without an optimizer step (a training step that trained nothing)."""
+    with warnings.catch_warnings():  # torch warns when the schedule moves before the optimizer ever did
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
+def horizon_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """A warning when a decaying schedule ends before the run does: the steps after it train with lr 0."""
+    if cfg.schedule == "constant" or cfg.horizon is None or max_steps <= cfg.horizon:
+        return None
+    return (
+        f"optim.schedule={cfg.schedule} reaches lr 0 at step {cfg.horizon} (optim.horizon), so steps "
+        f"{cfg.horizon + 1}-{max_steps} train with lr 0; --set optim.horizon={max_steps} stretches the schedule"
+    )
 
 
 def clip_gradients(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> float:
