@@ -200,7 +200,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     last = result.metrics[-1] if result.metrics else {}
     if last and process_rank(os.environ) == 0:
-        print(f"finished step {last['step']}: reward/mean {last['reward/mean']:.4f}; metrics in {result.out_dir}")
+        mean = "n/a" if last["reward/mean"] is None else f"{last['reward/mean']:.4f}"  # n/a: no row scored
+        print(f"finished step {last['step']}: reward/mean {mean}; metrics in {result.out_dir}")
     return 0
 
 

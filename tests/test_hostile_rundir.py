@@ -340,3 +340,17 @@ def test_the_interrupted_message_names_the_directory_and_what_resume_does(tmp_pa
         assert err == f"mmgrpo: interrupted; no checkpoint yet: --resume {out} starts it again from step 0"
         assert main(["train", "--resume", str(out), "--no-progress"]) == 0
         assert [m["step"] for m in strict_lines(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_run_nothing_could_score_finishes_on_the_command_line(tmp_path, capsys):
+    from mmgrpo.cli import main
+
+    reward = tmp_path / "rewards.py"
+    reward.write_text("def sequence_match(samples, prompts, **_):\n    return [None] * len(samples)\n")
+    out = tmp_path / "run"
+    args = ["train", "--modality", "toy", "--out", str(out), "--no-progress", "--max-steps", "1"]
+    for assignment in TINY + [f"rewards.0.name={reward}:sequence_match"]:
+        args += ["--set", assignment]
+    assert main(args) == 0
+    assert f"finished step 1: reward/mean n/a; metrics in {out}" in capsys.readouterr().out
+    assert strict_lines(out / "metrics.jsonl")[0]["rows"] == 0
