@@ -120,14 +120,14 @@ def restore(state: TrainState, root: Path, comm: Collective) -> Path:
             skipped.append(f"{path}: {e}")
             _warn(comm, f"skipped damaged checkpoint {path}: {e}")
             continue
-        apply(state, saved, path, comm)
+        apply(state, saved, path)
         if skipped and comm.is_main:  # point `latest` at what was resumed, so the next resume does not warn again
             atomic_write_text(root / LATEST, path.name + "\n")
         return path
     raise ConfigError(f"no intact checkpoint to resume in '{root}': {'; '.join(skipped)}")
 
 
-def apply(state: TrainState, saved: dict[str, Any], path: Path, comm: Collective) -> None:
+def apply(state: TrainState, saved: dict[str, Any], path: Path) -> None:
     """Copy a loaded checkpoint into `state` (weights, optimizer, schedule, data order, every RNG)."""
     mismatch = set(state.params) ^ set(saved["params"])
     if mismatch:
