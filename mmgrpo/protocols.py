@@ -48,8 +48,8 @@ class Adapter(Protocol):
     - `scores_all_steps_at_once: bool` (attribute): True where one forward scores every step,
       which a sequence-level ratio (loss.ratio=sequence, GSPO) needs.
     - `sampler_state() -> Any` and `load_sampler_state(state) -> None`: sampler state beyond the
-      trainer's RNG (for example a rotating SDE window); saved in every checkpoint (adapter.pt)
-      and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
+      trainer's RNG (for example a rotating SDE window), JSON data; saved in every checkpoint
+      (adapter.json) and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
     - `Options` (class attribute): a dataclass of the constructor's config options. When the class
       has one, `pipeline.kwargs` is checked against it (unknown key: one line with the closest
       valid key) before the adapter is built.
