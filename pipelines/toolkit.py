@@ -20,14 +20,15 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
-from mmgrpo.config import from_dict
+from mmgrpo.config import ConfigError, from_dict
 from mmgrpo.data import prompt_text
 
-__all__ = ["DTYPES", "Finetuning", "TunedAdapter", "options_from", "parse_dtype", "prompt_text"]
+__all__ = ["DTYPES", "Finetuning", "TunedAdapter", "not_loadable", "options_from", "parse_dtype", "prompt_text"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -56,6 +57,22 @@ def options_from(cls: type[Options], kwargs: dict[str, Any], owner: str) -> Opti
     the wrong type is one line too.
     """
     return from_dict(cls, dict(kwargs), owner)
+
+
+def not_loadable(source: str, err: BaseException, option: str) -> ConfigError:
+    """One line for a checkpoint that cannot be loaded: a folder without its files, or a hub id neither in
+    the local cache nor downloadable (offline, no network, a typo), saying how to point at a local folder.
+
+    option: the pipeline.kwargs key that names the checkpoint ("model", "path").
+    """
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+    if Path(source).is_dir():
+        return ConfigError(f"cannot load the model folder {source!r}: {reason}")
+    return ConfigError(
+        f"cannot load model {source!r}: it is not a local folder, and the Hugging Face hub could not provide it "
+        f"({reason}); download it where there is a network, or point the config at a local folder: "
+        f"--set pipeline.kwargs.{option}=/local/folder"
+    )
 
 
 def lora_targets(model: torch.nn.Module, targets: Sequence[str], frozen_prefixes: Sequence[str] = ()) -> list[str]:

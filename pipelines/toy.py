@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mmgrpo.config import ConfigError
 from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, options_from, prompt_text
 from mmgrpo.rollout import Rollout
 
@@ -143,17 +144,29 @@ class ToyAdapter(TunedAdapter):
     def _policy(self) -> ToyPolicy:
         return self.tuning.active  # the frozen copy inside reference()
 
+    def check_prompts(self, prompts: Sequence[Any]) -> None:
+        """Before training: one ConfigError line for the first prompt this policy cannot read."""
+        try:
+            for i, p in enumerate(prompts):
+                self._text(p, i)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _text(self, prompt: Any, index: int) -> str:
+        """The prompt's text, checked: symbols of ALPHABET only, at most max_len of them."""
+        text = prompt_text(prompt, index)
+        if set(text) - set(ALPHABET) or len(text) > self.max_len:
+            shown = f"{text[:40]!r}" + (f" ({len(text)} characters)" if len(text) > 40 else "")
+            raise ValueError(
+                f"toy prompt {index} {shown} must use only {ALPHABET!r} and be at most {self.max_len} symbols long"
+            )
+        return text
+
     def _encode(self, prompts: Sequence[Any]) -> torch.Tensor:
         steps = self.max_len + 1
         ids = torch.full((len(prompts), steps), self.policy.pad, dtype=torch.long)
         for i, p in enumerate(prompts):
-            text = prompt_text(p, i)
-            bad = set(text) - set(ALPHABET)
-            if bad or len(text) > self.max_len:
-                shown = f"{text[:40]!r}" + (f" ({len(text)} characters)" if len(text) > 40 else "")
-                raise ValueError(
-                    f"toy prompt {i} {shown} must use only {ALPHABET!r} and be at most {self.max_len} symbols long"
-                )
+            text = self._text(p, i)
             ids[i, : len(text)] = torch.tensor([ALPHABET.index(c) for c in text])
         return ids.to(self.device)
 

@@ -32,11 +32,12 @@ from typing import Any, Sequence
 
 import torch
 
+from mmgrpo.config import ConfigError
 from mmgrpo.pipelines.flow import sde
 from mmgrpo.pipelines.flow.families import Conditions, family_for
 from mmgrpo.pipelines.flow.options import DEFAULT_LORA_TARGETS, FlowOptions
 from mmgrpo.pipelines.flow.window import WindowPlan, ode_plan, plan_window
-from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, options_from, parse_dtype
+from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, not_loadable, options_from, parse_dtype
 from mmgrpo.protocols import StepScores
 from mmgrpo.rollout import Rollout
 
@@ -70,7 +71,10 @@ class FlowAdapter(TunedAdapter):
         if pipeline is None:
             from diffusers import DiffusionPipeline
 
-            pipeline = DiffusionPipeline.from_pretrained(o.path, dtype=parse_dtype(o.torch_dtype))
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(o.path, dtype=parse_dtype(o.torch_dtype))
+            except OSError as err:  # not cached and offline, no network, a typo, a folder without its files
+                raise not_loadable(o.path, err, "path") from None
         self.pipe = pipeline
         self.family_name, family_cls = family_for(pipeline)
         self.family = family_cls(pipeline, o)
@@ -98,6 +102,19 @@ class FlowAdapter(TunedAdapter):
         self.device = _first_parameter(self.family.model).device
         self._negative: Conditions | None = None  # cached unconditional condition (CFG)
         self._next_prompt_key = 0
+
+    def check_prompts(self, prompts: Sequence[Any]) -> None:
+        """Before training: one ConfigError line for the first prompt the family cannot encode (for the
+        text families: a prompt without text), then the family's own check_prompts, when it has one."""
+        try:
+            for index, prompt in enumerate(prompts):
+                self.family.key(prompt, index)  # text families read the text here (prompt_text)
+            if hasattr(self.family, "check_prompts"):
+                self.family.check_prompts(prompts)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
 
     def _moved(self, device: torch.device) -> None:
         self.family.to(device)

@@ -220,6 +220,10 @@ class VLMAdapter(TunedAdapter):
             inputs["logits_to_keep"] = keep
         return self.tuning.active(**inputs)
 
+    def check_prompts(self, prompts: Sequence[Any]) -> None:
+        """Before training: one ConfigError line for a prompt without text or with media that cannot be read."""
+        self.inputs.check(prompts)
+
     def export(self, sample: str, path: str | Path) -> Path:
         """Write one decoded completion to a UTF-8 text file; returns the path written."""
         path = Path(path).with_suffix(".txt")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
+from mmgrpo.config import ConfigError
 from mmgrpo.pipelines.toolkit import prompt_text
-from mmgrpo.pipelines.vlm.media import Video, load_image, load_video
+from mmgrpo.pipelines.vlm.media import Video, check_image, check_video, load_image, load_video
 
 # Per-token processor outputs: padded and extended with the sequence, not concatenated per image.
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -125,6 +127,37 @@ class PromptEncoder:
             )
         return text, images, videos
 
+    def check(self, prompts: Sequence[Any]) -> None:
+        """One ConfigError line for the first prompt whose text or media cannot be used, naming its index,
+        field and file: texts, image files that decode, video files that open with frames (each file once)."""
+        checked: set[tuple[str, str]] = set()
+        for index, item in enumerate(prompts):
+            try:
+                prompt_text(item, index)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if isinstance(item, str):
+                continue
+            try:
+                fields = media_fields(item)
+            except ValueError as err:
+                raise ConfigError(f"prompt {index}, {err}") from None
+            for field, kind, source in fields:
+                if not self.is_vlm:
+                    raise ConfigError(
+                        f"prompt {index}, field '{field}': the model is text-only ({self.model_name}): "
+                        "use a vision-language model or drop that field"
+                    )
+                key = (kind, str(source)) if isinstance(source, (str, Path)) else None
+                if key in checked:
+                    continue
+                try:
+                    (check_image if kind == "image" else check_video)(source)
+                except ValueError as err:
+                    raise ConfigError(f"prompt {index}, field '{field}': {err}") from None
+                if key is not None:
+                    checked.add(key)
+
     def encode(self, item: Any, index: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Processor outputs (batch 1) of one prompt on `device`, placeholders checked against the vision inputs."""
         text, images, videos = self.parse(item, index)
@@ -160,6 +193,25 @@ class PromptEncoder:
             return self.processor(text=[chat], return_tensors="pt", **kwargs)
         except ValueError as err:  # e.g. placeholders without images: say which prompt
             raise ValueError(f"prompt {index}: {err}") from err
+
+
+def media_fields(item: dict) -> list[tuple[str, str, Any]]:
+    """(field as the user wrote it, "image" | "video", value) of every image and video of a dict prompt.
+
+    "images" / "videos" must be lists (or arrays of them): a single path there is a ValueError naming the field.
+    """
+    found = []
+    for kind in ("image", "video"):
+        if item.get(kind) is not None:
+            found.append((kind, kind, item[kind]))
+        several = item.get(kind + "s")
+        if several is None:
+            continue
+        if isinstance(several, (str, Path, dict)) or not hasattr(several, "__len__"):
+            raise ValueError(f"field '{kind}s' must be a list of {kind}s, got {type(several).__name__} "
+                             f"{str(several)[:40]!r} (one {kind}: use '{kind}')")  # fmt: skip
+        found += [(f"{kind}s[{i}]", kind, value) for i, value in enumerate(several)]
+    return found
 
 
 def collate(prompts: list[dict[str, torch.Tensor]], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:

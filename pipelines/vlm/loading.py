@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
+from mmgrpo.pipelines.toolkit import not_loadable
+
 # Module names (last path component) of vision towers in transformers VLMs.
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder")
 KINDS = ("auto", "vlm", "text")
@@ -36,18 +38,18 @@ def load_model_and_processor(
         source = str(model)
         try:
             config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"cannot load a model config from {source!r}: {err}. Give a local folder holding config.json "
-                f"(or a hub id when online)"
-            ) from err
+        except (OSError, ValueError) as err:  # not cached and offline, no network, a typo, no config.json
+            raise not_loadable(source, err, "model") from None
         if kind == "auto":
             kind = "vlm" if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else "text"
         cls = AutoModelForImageTextToText if kind == "vlm" else AutoModelForCausalLM
         kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = cls.from_pretrained(source, **kwargs)
+        try:
+            model = cls.from_pretrained(source, **kwargs)
+        except OSError as err:  # the config was found but not the weights
+            raise not_loadable(source, err, "model") from None
         if processor is None:
             processor = source
     elif dtype is not None:

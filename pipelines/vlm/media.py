@@ -8,12 +8,16 @@
   `nframes`; each frame is resized to at most `max_pixels` pixels. Frames already in memory
   (an array [F, H, W, 3], a tensor, or a list of images) are taken as sampled at `fps`.
 
-Errors a user can cause name the file and say what to do.
+Errors a user can cause name the file and say what to do. `check_image` / `check_video` find
+them before training, cheaply (an image is decoded, a video file only opened), as one-line
+ValueErrors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,3 +213,106 @@ def _read_video_file(path: Path, fps, nframes, min_frames, max_frames) -> tuple[
     duration = total / native_fps
     rate = len(index) / duration if duration > 0 else float(fps or 1.0)
     return frames, rate
+
+
+# ------------------------------------------------------------------------------- checks before training
+
+MEDIA_TYPES = "a file path (or, from Python, a PIL image, a numpy or torch array)"
+
+
+def check_image(source: Any) -> None:
+    """Raise one ValueError line when `source` cannot become an image (missing, undecodable, wrong type).
+
+    A file is decoded, JPEGs in draft mode (a fraction of a full decode); in-memory images are converted.
+    """
+    from PIL import Image
+
+    if isinstance(source, (str, Path)):
+        path = _existing_file(source, "image")
+        try:
+            with Image.open(path) as opened:
+                opened.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still reads every block
+                opened.load()
+        except Exception as err:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            raise ValueError(f"cannot read image {str(path)!r}: {_first_line(err)}; use a PNG/JPEG file") from None
+        return
+    if not isinstance(source, Image.Image) and not isinstance(source, np.ndarray) and not _is_tensor(source):
+        raise ValueError(f"{_shown(source)} is {_a(type(source).__name__)}, not an image: give {MEDIA_TYPES}")
+    try:
+        load_image(source)
+    except (TypeError, ValueError) as err:
+        raise ValueError(_first_line(err)) from None
+
+
+def check_video(source: Any) -> None:
+    """Raise one ValueError line when `source` cannot become a video: a file must open and have frames."""
+    if isinstance(source, (str, Path)):
+        path = _existing_file(source, "video")
+        if path.stat().st_size == 0:
+            raise ValueError(f"video file {str(path)!r} is empty (0 bytes)")
+        try:
+            import decord
+        except ImportError:
+            raise ValueError("reading video files needs decord: pip install 'mmgrpo[vlm]'") from None
+        try:
+            with _quiet_native_stderr():  # ffmpeg and decord log to fd 2 before raising
+                frames = len(decord.VideoReader(str(path), num_threads=1))
+        except Exception:
+            raise ValueError(
+                f"cannot open video {str(path)!r}: not a video decord can read (mp4, avi, webm) or a truncated file"
+            ) from None
+        if frames == 0:
+            raise ValueError(f"video file {str(path)!r} has no frames")
+        return
+    if isinstance(source, Video):
+        return
+    if not isinstance(source, (np.ndarray, list, tuple)) and not _is_tensor(source):
+        raise ValueError(f"{_shown(source)} is {_a(type(source).__name__)}, not a video: give {MEDIA_TYPES}")
+    try:
+        load_video(source)
+    except (TypeError, ValueError) as err:
+        raise ValueError(_first_line(err)) from None
+
+
+def _existing_file(source: str | Path, kind: str) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative paths start at the working directory {os.getcwd()})"
+        raise ValueError(f"{kind} file {str(path)!r} does not exist{where}")
+    return path
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native libraries write to file descriptor 2 (Python's own stderr is untouched)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to redirect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
