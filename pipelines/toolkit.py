@@ -28,7 +28,10 @@ import torch
 from mmgrpo.config import ConfigError, from_dict
 from mmgrpo.data import prompt_text
 
-__all__ = ["DTYPES", "Finetuning", "TunedAdapter", "not_loadable", "options_from", "parse_dtype", "prompt_text"]
+__all__ = [
+    "DTYPES", "Finetuning", "TunedAdapter", "logs_kept_unless_failed", "not_loadable", "options_from", "parse_dtype",
+    "prompt_text",
+]  # fmt: skip
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -73,6 +76,30 @@ def not_loadable(source: str, err: BaseException, option: str) -> ConfigError:
         f"({reason}); download it where there is a network, or point the config at a local folder: "
         f"--set pipeline.kwargs.{option}=/local/folder"
     )
+
+
+@contextmanager
+def logs_kept_unless_failed(logger_name: str) -> Iterator[None]:
+    """Hold back what `logger_name` logs inside the block: shown when the block succeeds, dropped when it
+    raises (a failed checkpoint load is then one error line, not the library's warnings before it)."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    hold = Hold()
+    logger.handlers, logger.propagate = [hold], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held:  # reached only when the block succeeded
+        logger.handle(record)
 
 
 def lora_targets(model: torch.nn.Module, targets: Sequence[str], frozen_prefixes: Sequence[str] = ()) -> list[str]:

@@ -308,22 +308,38 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
 
 
-def test_vlm_checkpoint_not_cached_offline(tmp_path, capsys, monkeypatch):
+def test_vlm_checkpoint_not_cached_offline(tmp_path, capfd, monkeypatch):
     pytest.importorskip("transformers")
     offline(monkeypatch, tmp_path)
     out = tmp_path / "r"
-    line = one_error_line(capsys, main(["train", "--modality", "qwen2.5-vl-3b", "--out", str(out)]))
+    line = one_error_line(capfd, main(["train", "--modality", "qwen2.5-vl-3b", "--out", str(out)]))
     assert "'Qwen/Qwen2.5-VL-3B-Instruct'" in line and "--set pipeline.kwargs.model=/local/folder" in line
     assert not out.exists()
 
 
-def test_flow_checkpoint_not_cached_offline(tmp_path, capsys, monkeypatch):
+def test_flow_checkpoint_not_cached_offline(tmp_path, capfd, monkeypatch):
     pytest.importorskip("diffusers")
     offline(monkeypatch, tmp_path)
     out = tmp_path / "r"
-    line = one_error_line(capsys, main(["train", "--modality", "sd3", "--out", str(out)]))
+    # capfd: diffusers' logger writes to the stream it was configured with, which capsys does not see
+    line = one_error_line(capfd, main(["train", "--modality", "sd3", "--out", str(out)]))
     assert "'stabilityai/stable-diffusion-3.5-medium'" in line and "--set pipeline.kwargs.path=/local/folder" in line
     assert not out.exists()
+
+
+def test_loader_warnings_shown_only_when_the_load_succeeds(caplog):
+    import logging
+
+    from mmgrpo.pipelines.toolkit import logs_kept_unless_failed
+
+    logger = logging.getLogger("mmgrpo.test_loader")
+    with logs_kept_unless_failed("mmgrpo.test_loader"):
+        logger.warning("some weights were not used")
+    assert "some weights were not used" in caplog.text
+    with pytest.raises(OSError), logs_kept_unless_failed("mmgrpo.test_loader"):
+        logger.warning("Couldn't connect to the Hub")
+        raise OSError("not cached")
+    assert "Couldn't connect" not in caplog.text and logger.propagate and not logger.handlers
 
 
 # ------------------------------------------------------------------------------- 9. a baseline of 0

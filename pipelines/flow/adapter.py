@@ -37,7 +37,14 @@ from mmgrpo.pipelines.flow import sde
 from mmgrpo.pipelines.flow.families import Conditions, family_for
 from mmgrpo.pipelines.flow.options import DEFAULT_LORA_TARGETS, FlowOptions
 from mmgrpo.pipelines.flow.window import WindowPlan, ode_plan, plan_window
-from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, not_loadable, options_from, parse_dtype
+from mmgrpo.pipelines.toolkit import (
+    Finetuning,
+    TunedAdapter,
+    logs_kept_unless_failed,
+    not_loadable,
+    options_from,
+    parse_dtype,
+)
 from mmgrpo.protocols import StepScores
 from mmgrpo.rollout import Rollout
 
@@ -72,7 +79,8 @@ class FlowAdapter(TunedAdapter):
             from diffusers import DiffusionPipeline
 
             try:
-                pipeline = DiffusionPipeline.from_pretrained(o.path, dtype=parse_dtype(o.torch_dtype))
+                with logs_kept_unless_failed("diffusers"):  # its "Couldn't connect to the Hub" lines
+                    pipeline = DiffusionPipeline.from_pretrained(o.path, dtype=parse_dtype(o.torch_dtype))
             except OSError as err:  # not cached and offline, no network, a typo, a folder without its files
                 raise not_loadable(o.path, err, "path") from None
         self.pipe = pipeline
