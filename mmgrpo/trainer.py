@@ -11,14 +11,13 @@
                     loss.backward()                                   (memory: one chunk)
             average gradients over processes, clip, optimizer step
 
-Bookkeeping lives next door: rundir.py (run directory), checkpoint.py (TrainState, save, resume),
-evaluation.py, optim.py (optimizer, LR schedule, EMA, clipping), config.validate.
+Bookkeeping lives next door: setup.py (everything built and checked before the first step),
+rundir.py (run directory), checkpoint.py (TrainState, save, resume), evaluation.py, optim.py
+(optimizer, LR schedule, EMA, clipping), config.validate, tracking.py (TensorBoard, W&B).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,36 +25,23 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from mmgrpo import checkpoint, tracking
+from mmgrpo import checkpoint
 from mmgrpo.advantages import compute_advantages, weighted_sum, zero_std_groups
 from mmgrpo.checkpoint import TrainState
-from mmgrpo.config import (
-    Config,
-    ConfigError,
-    LossConfig,
-    from_dict,
-    load_config,
-    resolve_horizon,
-    resume_config,
-    validate,
-)
-from mmgrpo.data import PromptOrder, load_prompts
+from mmgrpo.config import Config, ConfigError, LossConfig
+from mmgrpo.data import PromptOrder
 from mmgrpo.distributed import Collective, batched_runs, local_runs
 from mmgrpo.evaluation import evaluate, reward_stats
 from mmgrpo.losses import aggregation_weights, gaussian_kl, kl_penalty, policy_loss
-from mmgrpo.optim import (
-    advance_schedule,
-    build_optimizer,
-    clip_gradients,
-    ema_weights,
-    horizon_warning,
-    trainable_weights,
-)
+from mmgrpo.optim import advance_schedule, clip_gradients, ema_weights
 from mmgrpo.protocols import Adapter, StepScores
-from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
 from mmgrpo.rollout import Rollout
-from mmgrpo.rundir import RunDir, RunResult, check_out, check_resumable, default_out
-from mmgrpo.scoring import reward_functions, score_rollout
+from mmgrpo.rundir import RunDir, RunResult
+from mmgrpo.scoring import score_rollout
+from mmgrpo.setup import Job, build_adapter, prepare, resume_run, start_run
+
+__all__ = ["train", "run_job", "collect_rollout", "sample_global_batch", "accumulate_gradients", "build_adapter",
+           "evaluate", "RunResult", "RunDir", "TrainState", "TIME_KEYS"]
 
 TIME_KEYS = ("time/sample", "time/reward", "time/train", "time/step")
 # what a step that trained nothing (no row could be scored) logs for the loss
@@ -87,105 +73,31 @@ def train(
     `resume` is a run directory: training continues exactly from its latest checkpoint (from step 0
     with its saved config when it stopped before its first one); `overrides` and `max_steps` may then
     change only config.RESUMABLE_KEYS. Everything that can be checked is checked before the run
-    directory is made or touched.
+    directory is made or touched (setup.prepare).
     """
-    from accelerate import Accelerator  # heavy import kept out of `import mmgrpo`
-
-    if resume is not None:
-        run_path = Path(resume)
-        check_resumable(run_path)
-        cfg = resume_config(load_config(run_path / "config.yaml"), list(overrides), max_steps)
-    else:
-        cfg = load_config(config if config is not None else "toy", list(overrides))
-        if max_steps is not None:
-            cfg.train.max_steps = max_steps
-        run_path = Path(out) if out is not None else default_out(cfg)
-        check_out(run_path)
-    validate(cfg)
-    resolve_horizon(cfg)  # config.yaml records the schedule's span, so a later --max-steps keeps it
-    if cfg.train.num_threads is not None:
-        torch.set_num_threads(cfg.train.num_threads)
-    # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
-    # accelerate's state is process-wide and would refuse a second train() with other precision.
-    accelerator = Accelerator(cpu=cfg.train.cpu, **tracking.accelerator_kwargs(cfg.train.log_with, run_path))
-    comm = Collective(accelerator, mixed_precision=cfg.train.mixed_precision)
-    device = accelerator.device
-    torch.manual_seed(cfg.train.seed)  # once, before anything is built: model init is reproducible
-
-    # -- what we train, on what, for what ------------------------------------------------------
-    adapter = adapter if adapter is not None else build_adapter(cfg)
-    if hasattr(adapter, "to"):
-        adapter.to(device)
-    reward_fns, weights = reward_functions(cfg.rewards, rewards)
-    primary = cfg.eval.primary or next(iter(reward_fns))
-    if primary not in reward_fns:
-        raise ConfigError(f"eval.primary '{primary}' is not one of the rewards: {', '.join(reward_fns)}")
-    train_prompts, held_out = load_prompts(cfg.data, cfg.train.seed) if prompts is None else (list(prompts), [])
-    held_out = list(eval_prompts) if eval_prompts is not None else held_out
-    if cfg.loss.ratio == "sequence" and not getattr(adapter, "scores_all_steps_at_once", False):
-        raise ConfigError(
-            "loss.ratio=sequence (GSPO) needs every decision step scored in one forward; "
-            f"{type(adapter).__name__} scores steps separately: use loss.ratio=token"
-        )
-    check_before_run(adapter, train_prompts, held_out, cfg, comm)
-
-    params = trainable_weights(adapter)
-    optimizer, scheduler, ema = build_optimizer(params, cfg.optim, cfg.optim.horizon * cfg.train.num_iterations)
-    order = PromptOrder(len(train_prompts), cfg.train.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + 7919 * comm.rank)
-    state = TrainState(params, optimizer, scheduler, order, generator, adapter, ema)
-
-    # -- run directory: locked for the life of the run; fresh, resumed, or started again ----------
-    run = RunDir(run_path, comm)
-    run.open(resume=resume is not None)
-    trackers = tracking.Trackers(accelerator, cfg.train.log_with)  # train.log_with: TensorBoard, W&B
-    run.on_gallery = lambda entries, tag: trackers.log_gallery(run.path, entries, tag, state.step)
-    with run, trackers:  # releases the lock however train() ends, and tells the CLI which directory it was
-        return _train_in(run, state, resume is not None, cfg, adapter, reward_fns, weights, train_prompts, held_out,
-                    primary, progress, trackers)
+    job = prepare(config, adapter, rewards, prompts, eval_prompts, out, resume, overrides, max_steps)
+    with job.run, job.trackers:  # releases the lock however train() ends, and tells the CLI which directory it was
+        return run_job(job, progress)
 
 
-def _train_in(
-    run: RunDir,
-    state: TrainState,
-    resume: bool,
-    cfg: Config,
-    adapter: Adapter,
-    reward_fns: Mapping[str, Callable],
-    weights: torch.Tensor,
-    train_prompts: Sequence[Any],
-    held_out: Sequence[Any],
-    primary: str,
-    progress: bool,
-    trackers: tracking.Trackers,
-) -> RunResult:
+def run_job(job: Job, progress: bool) -> RunResult:
     """Train in an opened run directory: the "before" evaluation, the steps, the "after" evaluation."""
-    comm, params, optimizer, scheduler, ema = run.comm, state.params, state.optimizer, state.scheduler, state.ema
-    order, generator = state.order, state.generator
-    if resume and run.has_checkpoint():
-        checkpoint.restore(state, run.checkpoints, comm)
-        if cfg.train.max_steps < state.step:
-            raise ConfigError(
-                f"train.max_steps={cfg.train.max_steps} but the run's checkpoint is at step {state.step}: "
-                "give --max-steps at least that"
-            )
-        run.write_config(cfg)
-        run.truncate_metrics(state.step)
-        trackers.start(cfg.to_dict(), run.path.name, step=state.step)
+    cfg, comm, run, state, adapter = job.cfg, job.comm, job.run, job.state, job.adapter
+    params, optimizer, scheduler, ema = state.params, state.optimizer, state.scheduler, state.ema
+    reward_fns, weights = job.reward_fns, job.weights
+    if job.resumes_checkpoint:
+        resume_run(job)
     else:  # a new run, or one that stopped before its first checkpoint: from step 0 with its config
-        run.start(cfg)
-        trackers.start(cfg.to_dict(), run.path.name)
+        start_run(job)
         if cfg.eval.num_prompts > 0:
-            run.write_eval("before", evaluate(adapter, reward_fns, weights, held_out, cfg, comm, run, "before"))
-    warning = horizon_warning(cfg.optim, cfg.train.max_steps)
-    if warning and comm.is_main:
-        print(f"mmgrpo: warning: {warning}", file=sys.stderr)
+            run.write_eval("before", evaluate(adapter, reward_fns, weights, job.held_out, cfg, comm, run, "before"))
 
     # -- training -------------------------------------------------------------------------------
     bar = _progress(cfg.train.max_steps, state.step, progress and comm.is_main)
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        rollout, stats = collect_rollout(adapter, reward_fns, weights, train_prompts, order, generator, cfg, comm)
+        rollout, stats = collect_rollout(adapter, reward_fns, weights, job.train_prompts, state.order,
+                                        state.generator, cfg, comm)
         t_train = time.perf_counter()
         for _ in range(cfg.train.num_iterations):
             if stats["rows"] == 0:  # no row could be scored: train nothing, log the step and go on
@@ -213,7 +125,7 @@ def _train_in(
         stats = {"step": state.step, **stats, **loss_stats, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
         stats.update({"time/train": now - t_train, "time/step": now - t0})
         run.log(stats)
-        trackers.log(stats, state.step)
+        job.trackers.log(stats, state.step)
         bar.update(1)
         bar.set_postfix(reward=_number(stats["reward/mean"], 3), loss=_number(stats["loss"], 4))
         if cfg.train.gallery_every and state.step % cfg.train.gallery_every == 0:
@@ -225,10 +137,10 @@ def _train_in(
     # -- after --------------------------------------------------------------------------------------
     if cfg.eval.num_prompts > 0:
         with ema_weights(ema, params):
-            run.write_eval("after", evaluate(adapter, reward_fns, weights, held_out, cfg, comm, run, "after"))
+            run.write_eval("after", evaluate(adapter, reward_fns, weights, job.held_out, cfg, comm, run, "after"))
     comm.barrier()
     if comm.is_main:
-        run.finish(primary)
+        run.finish(job.primary)
     return run.result()
 
 
@@ -436,52 +348,6 @@ def _kl_to_reference(scores: StepScores, ref: StepScores, loss_cfg: LossConfig, 
             scores.mean, ref.mean, scores.std, convention=loss_cfg.kl_convention, step_size=scores.step_size
         )  # [m, S]
     return kl_penalty(scores.log_probs, ref.log_probs.to(scores.log_probs.device), loss_cfg.kl_estimator)  # [m, S]
-
-
-# ------------------------------------------------------------------------------- set-up
-
-
-def build_adapter(cfg: Config) -> Adapter:
-    """The adapter named by pipeline.name, built from pipeline.kwargs.
-
-    When the class declares an `Options` dataclass, pipeline.kwargs is checked against it first,
-    so a mistyped key stops with one line naming it and the closest valid key, before anything is
-    built or written. Errors raised inside the constructor are the adapter's own and propagate.
-    """
-    try:
-        cls = resolve(cfg.pipeline.name, ADAPTERS, "pipeline")
-        options = getattr(cls, "Options", None)
-        if options is not None and dataclasses.is_dataclass(options):
-            from_dict(options, cfg.pipeline.kwargs, "pipeline.kwargs")
-        return cls(**expand_assets(cfg.pipeline.kwargs))
-    except ModuleNotFoundError as e:
-        raise missing_dependency("pipeline", cfg.pipeline.name, e) from None
-
-
-def check_before_run(
-    adapter: Adapter, train_prompts: Sequence[Any], held_out: Sequence[Any], cfg: Config, comm: Collective
-) -> None:
-    """What would otherwise fail only once the run directory exists (and leave it dead): the split
-    of the batch over processes, held-out prompts to evaluate on, and the adapter's own check of
-    the prompts it will be given (`check_prompts`, optional: media paths, decodability, fields)."""
-    try:
-        local_runs(cfg.train.prompts_per_step, cfg.train.group_size, comm.world_size, comm.rank)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.eval.num_prompts > 0 and not held_out:
-        raise ConfigError(
-            "no held-out prompts to evaluate on: pass eval_prompts=..., set data.eval_source, or set eval.num_prompts=0"
-        )
-    check = getattr(adapter, "check_prompts", None)
-    if check is None:
-        return
-    for prompts in (train_prompts, list(held_out)[: cfg.eval.num_prompts]):
-        try:
-            check(prompts)
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
 
 def _number(value: float | None, digits: int) -> str:

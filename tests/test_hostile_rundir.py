@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-import mmgrpo.trainer as trainer_module
+import mmgrpo.setup as job_setup
 from mmgrpo.config import ConfigError, load_config
 from mmgrpo.pipelines.toy import ToyAdapter, toy_prompts
 from mmgrpo.rewards.sequence import sequence_match
@@ -106,14 +106,14 @@ def test_inf_and_none_scores_leave_strict_json(tmp_path):
 @pytest.mark.parametrize("blank, progress", [(None, False), (math.nan, True)])
 def test_a_step_nothing_could_score_trains_nothing_and_the_run_goes_on(tmp_path, monkeypatch, blank, progress):
     optimizers = []
-    real_build = trainer_module.build_optimizer
+    real_build = job_setup.build_optimizer
 
     def recording_build(*args, **kwargs):
         built = real_build(*args, **kwargs)
         optimizers.append(built[0])
         return built
 
-    monkeypatch.setattr(trainer_module, "build_optimizer", recording_build)
+    monkeypatch.setattr(job_setup, "build_optimizer", recording_build)
     seen = []  # (weights, AdamW moments) as each training step's reward call finds them
 
     def blank_at_step_2(samples, prompts, **kwargs):
@@ -212,12 +212,12 @@ def test_an_empty_existing_folder_takes_a_run(tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_processes_stops_before_the_run_directory(tmp_path, monkeypatch):
-    class ThreeProcesses(trainer_module.Collective):
+    class ThreeProcesses(job_setup.Collective):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.world_size = 3
 
-    monkeypatch.setattr(trainer_module, "Collective", ThreeProcesses)
+    monkeypatch.setattr(job_setup, "Collective", ThreeProcesses)
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"= 8 rows cannot be split evenly over 3 processes"):
         train("toy", out=out, overrides=TINY, progress=False)

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = load_config("video")
     kw = cfg.pipeline.kwargs
-    N, w = int(kw.get("num_steps", 10)), int(kw.get("window") or N)
+    N = int(kw.get("num_steps", 10))
+    w = int(kw.get("window") or N)
     steps = 2 if args.quick else args.steps
     overrides = list(args.overrides)
     if args.quick:
