@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug or not _user_error(e):
             raise
         if process_rank(os.environ) == 0:  # under torchrun every process fails alike: one says so
-            print(f"mmgrpo: error: {one_line(str(e))}", file=sys.stderr)
+            where = getattr(e, "run_dir", None)  # a run stopped mid-way (a reward failed): how to go on
+            hint = f"; {_resume_hint(where)}" if where is not None else ""
+            print(f"mmgrpo: error: {one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if process_rank(os.environ) == 0:
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 def _after_interrupt(error: KeyboardInterrupt) -> str:
     """What an interrupted run left: train() names its directory on the exception (RunDir.__exit__)."""
     run_dir = getattr(error, "run_dir", None)
-    if run_dir is None:
-        return "no run directory was made yet"
+    return "no run directory was made yet" if run_dir is None else _resume_hint(run_dir)
+
+
+def _resume_hint(run_dir: Path) -> str:
     from mmgrpo.rundir import resume_hint
 
     return resume_hint(run_dir)

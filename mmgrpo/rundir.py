@@ -249,7 +249,7 @@ class RunDir:
         folder = self.samples / tag
         entries, lines = [], []
         for i in range(min(count, len(rollout))):
-            entry: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i])}
+            entry: dict[str, Any] = {"prompt": _label(rollout.prompts[i])}
             entry["rewards"] = {k: _json_float(v[i]) for k, v in rollout.rewards.items()}
             sample = rollout.samples[i]
             if hasattr(adapter, "export") and not isinstance(sample, str):  # text stays inline
@@ -301,6 +301,14 @@ def read_metrics_file(path: Path) -> list[dict[str, Any]]:
         else:
             raise ConfigError(f"{path} line {n} is not JSON: repair or delete that line, then run again")
     return rows
+
+
+def _label(prompt: Any) -> str:
+    """A gallery's caption of a prompt item: its text, or a short repr of a user's own item type."""
+    try:
+        return prompt_text(prompt)
+    except ValueError:
+        return repr(prompt)[:200]
 
 
 def _json_float(x: torch.Tensor) -> float | None:

@@ -114,3 +114,36 @@ def test_a_huge_bad_prompt_is_not_echoed_whole():
     with pytest.raises(ValueError) as info:
         ToyAdapter(max_len=4).sample(["z" * 5_000_000], 2, torch.Generator().manual_seed(0))
     assert len(str(info.value)) < 300 and "5000000 characters" in str(info.value)
+
+
+# ------------------------------------------------------------------------------- a reward that fails mid-run
+
+
+def test_a_reward_failing_mid_run_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    from mmgrpo import cli
+
+    monkeypatch.chdir(tmp_path)
+    reward = tmp_path / "flaky.py"
+    reward.write_text(
+        "import os\n"
+        "calls = 0\n"
+        "def flaky(samples, prompts, **_):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 4 and os.environ.get('FLAKY_BREAKS'):\n"  # the before-eval, steps 1 and 2, then step 3
+        "        raise ConnectionError('scoring server went away')\n"
+        "    return [float(len(s)) for s in samples]\n"
+    )
+    monkeypatch.setenv("FLAKY_BREAKS", "1")
+    argv = ["train", "--modality", "toy", "--out", "run", "--no-progress", "--set", "rewards=[{name: flaky.py:flaky}]",
+            "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "train.prompts_per_step=4",
+            "--set", "train.group_size=4", "--set", "eval.num_prompts=2", "--set", "eval.primary=flaky"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "mmgrpo: error: reward 'flaky' raised ConnectionError: scoring server went away; "
+        "the checkpoint of step 2 is intact: mmgrpo train --resume run continues from it"
+    ]
+    monkeypatch.delenv("FLAKY_BREAKS")
+    assert cli.main(["train", "--resume", "run", "--no-progress"]) == 0
+    assert "finished step 4" in capsys.readouterr().out
