@@ -59,6 +59,22 @@ def _first_parameter(model: torch.nn.Module) -> torch.nn.Parameter:
     return next(model.parameters())
 
 
+def _load_pipeline(path: str, torch_dtype: str | None) -> Any:
+    """The model in a local folder (or hub id): a SpeechEnhancer folder (it holds speech.json; the speech
+    family is imported only then) or a diffusers pipeline."""
+    if (Path(path) / "speech.json").is_file():
+        from mmgrpo.pipelines.speech import SpeechEnhancer  # registers the speech family
+
+        return SpeechEnhancer.from_pretrained(path, torch_dtype=parse_dtype(torch_dtype))
+    from diffusers import DiffusionPipeline
+
+    try:
+        with logs_kept_unless_failed("diffusers"):  # its "Couldn't connect to the Hub" lines
+            return DiffusionPipeline.from_pretrained(path, dtype=parse_dtype(torch_dtype))
+    except OSError as err:  # not cached and offline, no network, a typo, a folder without its files
+        raise not_loadable(path, err, "path") from None
+
+
 class FlowAdapter(TunedAdapter):
     """GRPO policy over a flow-matching model (SD3, FLUX, Wan 2.1, or a registered family).
 
@@ -76,13 +92,7 @@ class FlowAdapter(TunedAdapter):
                 "FlowAdapter needs exactly one of `pipeline` (a diffusers pipeline) or `path` (a local folder)"
             )
         if pipeline is None:
-            from diffusers import DiffusionPipeline
-
-            try:
-                with logs_kept_unless_failed("diffusers"):  # its "Couldn't connect to the Hub" lines
-                    pipeline = DiffusionPipeline.from_pretrained(o.path, dtype=parse_dtype(o.torch_dtype))
-            except OSError as err:  # not cached and offline, no network, a typo, a folder without its files
-                raise not_loadable(o.path, err, "path") from None
+            pipeline = _load_pipeline(o.path, o.torch_dtype)
         self.pipe = pipeline
         self.family_name, family_cls = family_for(pipeline)
         self.family = family_cls(pipeline, o)
