@@ -29,6 +29,11 @@ REWARDS: dict[str, str] = {
     "format": "mmgrpo.rewards.format:FormatReward",
     "accuracy": "mmgrpo.rewards.accuracy:AccuracyReward",
     "clip_score": "mmgrpo.rewards.clip_score:CLIPScore",
+    "pesq": "mmgrpo.rewards.speech:PESQ",
+    "estoi": "mmgrpo.rewards.speech:ESTOI",
+    "si_sdr": "mmgrpo.rewards.speech:SISDR",
+    "dnsmos": "mmgrpo.rewards.speech:DNSMOS",
+    "speech_quality": "mmgrpo.rewards.speech:SpeechQuality",
 }
 
 DATASETS: dict[str, str] = {
@@ -57,7 +62,18 @@ LOSSES = {
 
 
 # The pip extra that brings each built-in's optional dependencies.
-EXTRAS = {"vlm": "vlm", "flow": "video", "scene": "image", "clip_score": "image", "iou": "vlm"}
+EXTRAS = {
+    "vlm": "vlm",
+    "flow": "video",
+    "scene": "image",
+    "clip_score": "image",
+    "iou": "vlm",
+    "pesq": "audio",
+    "estoi": "audio",
+    "si_sdr": "audio",
+    "dnsmos": "audio",
+    "speech_quality": "audio",
+}
 
 
 def missing_dependency(kind: str, name: str, error: ModuleNotFoundError) -> ConfigError:
