@@ -411,6 +411,8 @@ class DNSMOS(_SpeechReward):
                 return None
             return dnsmos_scores(np.clip(clip, -1.0, 1.0), self.hops, self.personalized, self.p808)
 
+        if any(c is not None for c in clips):
+            dnsmos_model(self.personalized)  # load once, before any thread needs it
         if self.workers <= 1 or len(clips) <= 1:
             return [score(c) for c in clips]
         with ThreadPoolExecutor(self.workers) as pool:

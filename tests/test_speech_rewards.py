@@ -216,7 +216,7 @@ def test_dnsmos_scores_clean_speech_above_noisy_and_skips_unscorable_rows():
     noisy = np.clip(with_noise(clean, 0.0), -1, 1)
     short, nan = clean[: RATE // 10], clean.copy()
     nan[3] = np.nan
-    out = DNSMOS(workers=0)([clean, noisy, np.zeros_like(clean), short, nan], [f"row {i}" for i in range(5)])
+    out = DNSMOS(workers=2)([clean, noisy, np.zeros_like(clean), short, nan], [f"row {i}" for i in range(5)])
     assert set(out) == {"score", "sig", "bak", "ovrl"} and out["score"] == out["ovrl"]
     assert out["ovrl"][0] > out["ovrl"][1] + 0.3 and out["bak"][0] > out["bak"][1] + 1
     assert all(1 <= out[k][i] <= 5 for k in ("sig", "bak", "ovrl") for i in range(2))
