@@ -243,9 +243,25 @@ def test_dnsmos_matches_speechmos_on_a_one_window_clip():
 def test_registry_names_and_extra():
     from mmgrpo.registry import EXTRAS, REWARDS, resolve
 
-    for name, cls in {"pesq": PESQ, "estoi": ESTOI, "si_sdr": SISDR, "dnsmos": DNSMOS, "speech_quality": SpeechQuality}.items():
+    builtins = {"pesq": PESQ, "estoi": ESTOI, "si_sdr": SISDR, "dnsmos": DNSMOS, "speech_quality": SpeechQuality}
+    for name, cls in builtins.items():
         assert resolve(name, REWARDS, "reward") is cls and cls(workers=0).__name__ == name
         assert EXTRAS[name] == "audio"
+
+
+def test_trainer_scoring_sees_every_metric_and_nan_for_unscored_rows():
+    from mmgrpo.config import RewardConfig
+    from mmgrpo.scoring import build_rewards, score_rollout
+
+    fns = build_rewards([RewardConfig("speech_quality", 1.0, {"weights": {"si_sdr": 2.0}}), RewardConfig("pesq", 0.0)])
+    clean = torch.from_numpy(CLEAN)
+    samples = [clean, torch.from_numpy(NOISY).float(), torch.full_like(clean, float("nan"))]
+    prompts = [{"prompt": f"utterance {i}", "noisy": NOISY, "clean": CLEAN, "sample_rate": RATE} for i in range(3)]
+    components, subs = score_rollout(fns, samples, prompts)  # [3, 2]
+    assert sorted(subs) == ["speech_quality/estoi", "speech_quality/pesq", "speech_quality/si_sdr"]
+    assert components[0, 0] > components[1, 0] and components[:2].isfinite().all()
+    assert components[2].isnan().all() and all(v[2].isnan() for v in subs.values())
+    assert subs["speech_quality/pesq"][:2].tolist() == components[:2, 1].tolist()
 
 
 def test_doctest():
