@@ -236,6 +236,128 @@ def test_exact_kernel_without_a_positive_variance_is_an_error(s, s_next):
         sde.transition("exact", x, v, rows, torch.tensor([0.25, s_next, 0.25]))
 
 
+# --------------------------------------------------------------------------- the shifted prior N(y, s_max^2 I)
+
+S_PRIOR = 0.487  # FlowMSE's s_max
+
+
+def _prior_mean(seed: int = 5) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))  # [n, *D] y
+
+
+def _closed_form_prior(kernel: str, x, v, y, s: float, s_next: float, a: float, s_max: float):
+    """(mean, std) in float64 from sde.py's docstring for the prior N(y, s_max^2 I), written directly
+    (not through the change of coordinates the code uses)."""
+    x, v, y = x.double(), v.double(), y.double()
+    dt = s_next - s
+    score = -(x - y + (1 - s) * v) / (s * s_max**2)
+    if kernel == "sde":
+        g = a * s_max * math.sqrt(s / (1 - (SIGMA_MAX if s == 1.0 else s)))
+        return x + (v - 0.5 * g**2 * score) * dt, g * math.sqrt(abs(dt))
+    if kernel == "dance":
+        g = a * s_max
+        return x + v * dt - 0.5 * g**2 * score * dt, a * s_max * math.sqrt(s - s_next)
+    if kernel == "exact":
+        hi = min(s, 1 - 3e-3)
+        u = torch.linspace(s_next, hi, 200_001, dtype=torch.float64)
+        var = s_max**2 * (torch.trapezoid(a**2 * u / (1 - u), u).item() - a**2 * (s - hi))
+        return x + v * dt + 0.5 * var * score, math.sqrt(var)
+    if kernel == "cps":
+        x0_hat, z_hat = x - s * v, (x + (1 - s) * v - y) / s_max  # the predicted data and prior NOISE
+        unit_std = s_next * math.sin(a * math.pi / 2)
+        mean = (1 - s_next) * x0_hat + s_next * y + s_max * math.sqrt(s_next**2 - unit_std**2) * z_hat
+        return mean, s_max * unit_std
+    raise AssertionError(kernel)
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact"])
+@pytest.mark.parametrize("s, s_next", STEPS)
+def test_kernels_with_a_shifted_prior_match_closed_form(kernel, s, s_next):
+    x, v = _data()
+    y = _prior_mean()
+    a = 0.3 if kernel == "dance" else A
+    out = sde.flow_step(
+        kernel, x, v, s, s_next, noise_level=a, sigma_max=SIGMA_MAX, generator=torch.Generator().manual_seed(7),
+        prior_mean=y, prior_std=S_PRIOR,
+    )
+    mean, std = _closed_form_prior(kernel, x, v, y, s, s_next, a, S_PRIOR)
+    torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    assert out.std.flatten() == pytest.approx([std] * SHAPE[0], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(out.next_latents.double(), mean + std * _eps(7), rtol=1e-5, atol=1e-5)
+    if kernel == "cps":  # the reference's unnormalised form, in the prior's units
+        expected = -(((out.next_latents.double() - mean) / S_PRIOR) ** 2).mean(dim=(1, 2, 3))
+    else:
+        expected = Normal(mean, std).log_prob(out.next_latents.double()).mean(dim=(1, 2, 3))  # [n]
+    torch.testing.assert_close(out.log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s", [0.9, 0.6, 0.25])
+def test_score_with_a_shifted_prior(s):
+    """-(x - y + (1-s) v) / (s s_max^2) == the posterior mean of the conditional score, with x0_hat = x - s v."""
+    x, v = _data(4)
+    y = _prior_mean()
+    score = sde.score_estimate(x, v, s, prior_mean=y, prior_std=S_PRIOR).double()
+    x, v, y = x.double(), v.double(), y.double()
+    torch.testing.assert_close(score, -(x - (1 - s) * (x - s * v) - s * y) / (s * S_PRIOR) ** 2, rtol=1e-5, atol=1e-5)
+    without_shift = sde.score_estimate(x, v, s, prior_std=S_PRIOR).double()  # the test can fail: y matters
+    assert (without_shift - score).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact", "ode"])
+def test_the_standard_prior_given_explicitly_changes_nothing(kernel):
+    """prior_mean=None, prior_std=1 is the old code path, bit for bit; a zero prior mean takes the
+    general path and agrees to rounding."""
+    x, v = _data()
+    kw = dict(noise_level=0.5, sigma_max=SIGMA_MAX)
+    for s, s_next in STEPS:
+        old = sde.flow_step(kernel, x, v, s, s_next, generator=torch.Generator().manual_seed(2), **kw)
+        same = sde.flow_step(
+            kernel, x, v, s, s_next, generator=torch.Generator().manual_seed(2), prior_mean=None, prior_std=1.0, **kw
+        )
+        for a, b in zip(old, same):
+            assert torch.equal(a, b)
+        zeros = torch.zeros(SHAPE)  # [n, *D]
+        zero = sde.flow_step(kernel, x, v, s, s_next, next_latents=old.next_latents, prior_mean=zeros, **kw)
+        torch.testing.assert_close(zero.mean, old.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(zero.log_prob, old.log_prob, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sde.score_estimate(x, v, 0.6, prior_std=1.0), sde.score_estimate(x, v, 0.6))
+
+
+def test_the_ode_step_ignores_the_prior():
+    x, v = _data()
+    out = sde.flow_step("ode", x, v, 0.6, 0.25, prior_mean=_prior_mean(), prior_std=S_PRIOR)
+    assert torch.equal(out.next_latents, sde.flow_step("ode", x, v, 0.6, 0.25).next_latents)
+
+
+@pytest.mark.parametrize("kernel", ["sde", "cps", "dance", "exact"])
+def test_rescoring_with_a_shifted_prior_reproduces_its_log_prob(kernel):
+    x, v = _data()
+    kw = dict(noise_level=0.5, sigma_max=SIGMA_MAX, prior_mean=_prior_mean(), prior_std=S_PRIOR)
+    sampled = sde.flow_step(kernel, x, v, 0.6, 0.25, generator=torch.Generator().manual_seed(11), **kw)
+    rescored = sde.flow_step(kernel, x, v, 0.6, 0.25, next_latents=sampled.next_latents, **kw)
+    assert torch.equal(rescored.log_prob, sampled.log_prob)
+    kw["prior_mean"] = kw["prior_mean"] + 0.1  # another y: another transition
+    assert not torch.allclose(sde.flow_step(kernel, x, v, 0.6, 0.25, next_latents=sampled.next_latents, **kw).log_prob,
+                              sampled.log_prob)
+
+
+def test_equalizer_weights_do_not_depend_on_the_prior_std():
+    s, s_next = torch.tensor(SIGMAS[:-1]), torch.tensor(SIGMAS[1:])  # [T], [T]
+    for kernel in ("sde", "dance", "exact"):
+        kw = dict(noise_level=A, sigma_max=SIGMA_MAX)
+        shifted = sde.equalizer_weights(kernel, s, s_next, prior_std=S_PRIOR, **kw)  # [T]
+        torch.testing.assert_close(shifted, sde.equalizer_weights(kernel, s, s_next, **kw))
+
+
+def test_a_bad_prior_is_a_readable_error():
+    x, v = _data()
+    with pytest.raises(ValueError, match=r"prior_mean must have the latents' shape \[n, \*D\] = \(3, 4, 5, 6\)"):
+        sde.flow_step("sde", x, v, 0.6, 0.25, generator=torch.Generator(), prior_mean=torch.zeros(1, 4, 5, 6))
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="prior_std .* must be a positive number"):
+            sde.transition("dance", x, v, 0.6, 0.25, prior_std=bad)
+
+
 # --------------------------------------------------------------------------- the SDE window plan (window.py)
 
 from mmgrpo.pipelines.flow import window as win  # noqa: E402
