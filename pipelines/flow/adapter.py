@@ -162,6 +162,8 @@ class FlowAdapter(TunedAdapter):
 
         shared, prompt_key = self._encode(prompts, G)  # prompt_key [N]
         rows = self._row_conditions(shared, prompt_key, guided=False)  # each [N, ...]
+        prior_mean, prior_std = self.family.prior(rows)  # y [N, *D] or None; s_max (sde.py: the shifted prior)
+        prompt_prior_mean = None if prior_mean is None else prior_mean[::G]  # [B, *D] for the one-row-per-prompt steps
         # initial noise. Shared within a group, it makes every ODE step before the first SDE step
         # the same for the G rows of a prompt: those run once per prompt ([B, *D]) and x is expanded
         # to [N, *D] where the SDE noise first tells the rows apart (at T: after the loop).
@@ -189,10 +191,12 @@ class FlowAdapter(TunedAdapter):
             if i == expand_at:
                 x = x.repeat_interleave(G, dim=0)  # [N, *D]
             s, s_next = sigmas[i], sigmas[stops[k + 1]]
-            v = self._velocity(x, s.expand(x.shape[0]).to(self.device), inputs if x.shape[0] == n else prompt_inputs)
+            per_row = x.shape[0] == n  # False: one row per prompt before the shared noise splits
+            v = self._velocity(x, s.expand(x.shape[0]).to(self.device), inputs if per_row else prompt_inputs)
             out = sde.flow_step(
                 self.kernel if i in plan.sde_steps else "ode", x, v, s, s_next,
                 noise_level=self.noise_level, sigma_max=sigma_max, generator=generator,
+                prior_mean=prior_mean if per_row else prompt_prior_mean, prior_std=prior_std,
             )  # v, out.next_latents: [N or B, *D]
             if i in trained:
                 if not chain:
@@ -256,10 +260,13 @@ class FlowAdapter(TunedAdapter):
         x = latents[rows, slots]  # [m, *D]
         x_next = latents[rows, slots + 1]  # [m, *D]
         s, s_next = ex["sigmas"][rows, slots], ex["sigmas"][rows, slots + 1]  # [m], [m]
-        v = self._velocity(x, s, self._row_conditions(rollout.shared, ex["prompt_key"][rows]))  # [m, *D]
+        row_conditions = self._row_conditions(rollout.shared, ex["prompt_key"][rows], guided=False)  # each [m, ...]
+        inputs = self._row_conditions(rollout.shared, ex["prompt_key"][rows]) if self._cfg else row_conditions
+        v = self._velocity(x, s, inputs)  # [m, *D]
+        prior_mean, prior_std = self.family.prior(row_conditions)  # y [m, *D] or None; s_max: as in sampling
         out = sde.flow_step(
             self.kernel, x, v, s, s_next, noise_level=self.noise_level, sigma_max=ex["sigma_max"][rows],
-            next_latents=x_next,
+            next_latents=x_next, prior_mean=prior_mean, prior_std=prior_std,
         )
         log_probs = log_probs.index_put((rows, cols), out.log_prob)  # [n, S]
         step_size = step_size.index_put((rows, cols), (s_next - s).abs().float())  # [n, S]

@@ -83,6 +83,13 @@ class Family(ABC):
     def init_latents(self, n: int, conditions: Conditions, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """n initial latents [n, *D] fp32, row i for the condition row i of `conditions` [n, ...]."""
 
+    def prior(self, conditions: Conditions) -> tuple[torch.Tensor | None, float]:
+        """The prior N(y, s_max^2 I) that init_latents draws from, for the condition rows [n, ...]:
+        (y [n, *D] fp32 on the latents' device, or None for 0; s_max). The SDE kernels need it for
+        the score (sde.py); the sampler and log_prob ask with the same rows, so re-scoring sees the
+        same y. Default: the standard prior N(0, I), (None, 1.0)."""
+        return None, 1.0
+
     @abstractmethod
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The num_steps + 1 sigmas of a sampler from 1 to 0, fp32 on cpu."""
