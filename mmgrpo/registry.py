@@ -40,6 +40,7 @@ DATASETS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:toy_prompts",
     "miniworld": "mmgrpo.miniworld.scenes:train_and_heldout",
     "miniworld_vlm": "mmgrpo.miniworld.scenes:vlm_prompts",
+    "speech": "mmgrpo.miniworld.speech:speech_prompts",
 }
 
 ESTIMATORS = {
