@@ -157,3 +157,20 @@ def test_quick_pretraining_build_writes_a_loadable_folder(tmp_path):
     assert "python -m mmgrpo.pretrain.audio --quick" in card and "PESQ" in card
     adapter = FlowAdapter(path=str(tmp_path / "se"), kernel="ode", num_steps=2, eval_steps=2)
     assert adapter.family_name == "speech"
+
+
+def test_x0_prediction_starts_from_the_best_linear_estimate():
+    from mmgrpo.pipelines.speech.model import x0_coefficients
+
+    skip, scale = x0_coefficients(torch.tensor([1.0, 0.5, 1e-6]), 0.07, 0.487 / 2**0.5)  # the defaults
+    assert skip[0] == 0 and scale[0] == pytest.approx(0.07) and skip[2] == pytest.approx(1, abs=1e-4)
+    assert scale[2] < 1e-6 and 0 < skip[1] < 1
+    velocity = tiny_unet(0, widths=(8, 16), prediction="x0")
+    torch.nn.init.zeros_(velocity.unet.conv_out.weight)
+    torch.nn.init.zeros_(velocity.unet.conv_out.bias)  # the UNet's output is 0: x0_hat = y + skip (x - y)
+    x, y = torch.randn(2, 2, 256, 16), torch.randn(2, 2, 256, 16)
+    t = torch.tensor([1.0, 0.5])
+    with torch.no_grad():
+        v = velocity(x, y, t)
+    assert torch.allclose(v[0], x[0] - y[0], atol=1e-6)  # at t = 1 the clean estimate is y itself
+    assert torch.allclose(v[1], (x[1] - y[1]) * (1 - skip[1]) / 0.5, atol=1e-5)

@@ -17,7 +17,11 @@ The built-in one, SpeechVelocity, wraps a diffusers UNet2DModel: channels [Re x,
 Im y] in, [Re v, Im v] out, the timestep t * 999 through the UNet's own sinusoidal embedding.
 With patch p > 1 each p x p block of bins x frames becomes channels first (pixel_unshuffle:
 4 p^2 channels in, 2 p^2 out) and is put back after, so the convolutions run on an F/p x T/p
-grid: that is what makes the embedded model trainable on two CPU cores.
+grid: that is what makes the embedded model trainable on two CPU cores. prediction "velocity":
+the UNet's output is v; "x0" (the embedded model): the UNet corrects the best linear estimate of
+the clean latents, x0_hat = y + skip(t) (x - y) + scale(t) unet(...) (`x0_coefficients`), and
+v = (x - x0_hat) / t (t >= t_eps > 0 on FlowMSE's grid). An untrained "x0" model already returns
+a slightly smoothed input instead of noise, so a short CPU training starts from the noisy input.
 """
 
 from __future__ import annotations
@@ -38,19 +42,40 @@ T_EPS = 0.03  # FlowMSE's last sigma before the final step to 0
 SPEECH_JSON = "speech.json"
 VELOCITY_JSON = "speech_velocity.json"
 TIMESTEP_SCALE = 999.0
+PREDICTIONS = ("velocity", "x0")
+SIGMA_DATA = 0.07  # rms of clean - noisy latents of the mini-world speech set (the "x0" skip)
+
+
+def x0_coefficients(t: torch.Tensor, sigma_data: float, prior_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(skip, scale) of x0_hat = y + skip (x - y) + scale F at time t (any shape, same out).
+
+    With x0 - y ~ N(0, sigma_data^2) and x - y = (1-t)(x0 - y) + t prior_std z, the linear estimate
+    of x0 - y from x - y has gain skip = (1-t) d / ((1-t)^2 d + t^2 p) (d = sigma_data^2, p = prior_std^2)
+    and error std scale = t sqrt(d p / ((1-t)^2 d + t^2 p)): the network corrects that estimate in
+    units of its error (EDM-style preconditioning). skip -> 1 and scale -> 0 as t -> 0 (x0_hat = x).
+    """
+    d, p = sigma_data**2, prior_std**2
+    denominator = (1 - t) ** 2 * d + t**2 * p
+    return (1 - t) * d / denominator, t * torch.sqrt(d * p / denominator)
 
 
 class SpeechVelocity(torch.nn.Module):
     """v(x, y, t) through a diffusers UNet2DModel (in_channels 4 p^2, out_channels 2 p^2)."""
 
-    def __init__(self, unet: torch.nn.Module, patch: int = 1) -> None:
+    def __init__(self, unet: torch.nn.Module, patch: int = 1, prediction: str = "velocity",
+                 sigma_data: float = SIGMA_DATA, prior_std: float = S_MAX / math.sqrt(2.0)) -> None:
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"SpeechVelocity prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         if unet.config.in_channels != 4 * patch * patch or unet.config.out_channels != 2 * patch * patch:
             raise ValueError(f"a SpeechVelocity with patch {patch} needs a UNet with {4 * patch * patch} input and "
                              f"{2 * patch * patch} output channels, got {unet.config.in_channels} and "
                              f"{unet.config.out_channels}")
         self.unet = unet
         self.patch = int(patch)
+        self.prediction = prediction
+        self.sigma_data = float(sigma_data)
+        self.prior_std = float(prior_std)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,7 +88,12 @@ class SpeechVelocity(torch.nn.Module):
         out = self.unet(h, t.to(x.dtype) * TIMESTEP_SCALE, return_dict=False)[0]  # [n, 2 p^2, F/p, T/p]
         if self.patch > 1:
             out = F.pixel_shuffle(out, self.patch)  # [n, 2, F, T]
-        return out
+        if self.prediction == "velocity":
+            return out
+        skip, scale = x0_coefficients(t.to(x.dtype).view(-1, 1, 1, 1), self.sigma_data, self.prior_std)  # [n, 1, 1, 1]
+        y = y.to(x.dtype)
+        x0_hat = y + skip * (x - y) + scale * out  # [n, 2, F, T]
+        return (x - x0_hat) / t.to(x.dtype).view(-1, 1, 1, 1)  # [n, 2, F, T] v = (x - x0_hat) / t on the path
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
@@ -72,7 +102,9 @@ class SpeechVelocity(torch.nn.Module):
         """The UNet with its own save_pretrained (config.json + safetensors) and the patch beside it."""
         folder = Path(folder)
         self.unet.save_pretrained(folder)
-        (folder / VELOCITY_JSON).write_text(json.dumps({"patch": self.patch}) + "\n")
+        settings = {"patch": self.patch, "prediction": self.prediction, "sigma_data": self.sigma_data,
+                    "prior_std": self.prior_std}
+        (folder / VELOCITY_JSON).write_text(json.dumps(settings) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "SpeechVelocity":
@@ -81,11 +113,12 @@ class SpeechVelocity(torch.nn.Module):
         folder = Path(folder)
         settings = json.loads((folder / VELOCITY_JSON).read_text()) if (folder / VELOCITY_JSON).is_file() else {}
         unet = UNet2DModel.from_pretrained(folder, torch_dtype=torch_dtype)
-        return cls(unet, patch=int(settings.get("patch", 1)))
+        return cls(unet, **settings)
 
 
 def tiny_unet(seed: int = 0, widths: tuple[int, ...] = (32, 64, 96), patch: int = 4, head_width: int = 16,
-              groups: int = 8) -> SpeechVelocity:
+              groups: int = 8, prediction: str = "x0", sigma_data: float = SIGMA_DATA,
+              prior_std: float = S_MAX / math.sqrt(2.0)) -> SpeechVelocity:
     """A small random SpeechVelocity: a UNet2DModel with len(widths) levels (ResNet blocks, one per
     level down and two up; self-attention on the coarsest level and in the mid block: the LoRA
     targets to_q/to_k/to_v/to_out.0). The defaults are the embedded model's (about 6 MB in fp32)."""
@@ -100,7 +133,7 @@ def tiny_unet(seed: int = 0, widths: tuple[int, ...] = (32, 64, 96), patch: int 
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
         attention_head_dim=head_width, add_attention=True,
     )
-    return SpeechVelocity(unet, patch=patch)
+    return SpeechVelocity(unet, patch=patch, prediction=prediction, sigma_data=sigma_data, prior_std=prior_std)
 
 
 def _import_class(spec: str) -> type:
