@@ -202,7 +202,8 @@ machine and thread count.
   patches of the compressed complex STFT (16 kHz, n_fft 510, hop 128, c = 0.15 |z|^0.5 e^(i angle z)), input
   channels [Re x, Im x, Re y, Im y], timestep t * 999. Prior y + 0.487 z (z complex, E|z|^2 = 1).
 - How: conditional flow matching on the FlowMSE path, x_t = (1-t) x0 + t (y + s_max z), target
-  y + s_max z - x0, t ~ U(0.03, 1); {rc['items']} noisy/clean training pairs of the mini-world speech set
+  y + s_max z - x0, t ~ U(0.03, 1), the squared error weighted by t^2 (the MSE of x0_hat = x_t - t v); the
+  UNet corrects the best linear estimate of the clean latents (SpeechVelocity prediction "x0"); {rc['items']} noisy/clean training pairs of the mini-world speech set
   (train utterances, noises white/pink/brown/babble/hum/clicks at -5..15 dB, noise seeds apart from GRPO's),
   random crops of {rc['crop_frames']} frames, {rc['steps']} steps of batch {rc['batch']}, AdamW lr {rc['lr']}
   (cosine), EMA {rc['ema_decay']} (saved). Final loss {r['final_loss']}. Stopped early on purpose: decent
