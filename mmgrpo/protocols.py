@@ -50,6 +50,10 @@ class Adapter(Protocol):
     - `sampler_state() -> Any` and `load_sampler_state(state) -> None`: sampler state beyond the
       trainer's RNG (for example a rotating SDE window), JSON data; saved in every checkpoint
       (adapter.json) and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
+    - `check_prompts(prompts) -> None`: raise one readable ValueError / ConfigError (naming the
+      prompt index, the field and the file) for a prompt the adapter cannot take: media that is
+      missing or does not decode, a prompt without text. Called on the training and held-out
+      prompts before the run directory is made, so a bad prompt never leaves a dead run behind.
     - `Options` (class attribute): a dataclass of the constructor's config options. When the class
       has one, `pipeline.kwargs` is checked against it (unknown key: one line with the closest
       valid key) before the adapter is built.
