@@ -58,7 +58,7 @@ def vlm_case() -> ContractCase:
         adapter=adapter,
         prompts=prompts,
         reward=letter_e,
-        train={"optim": {"lr": 3e-3}, "train": {"max_steps": 10, "prompts_per_step": 2, "group_size": 8}},
+        train={"optim": {"lr": 1e-2}, "train": {"max_steps": 10, "prompts_per_step": 2, "group_size": 8}},
     )
 
 
@@ -103,8 +103,8 @@ def speech_case() -> ContractCase:
         noisy = (clean + 0.1 * rng.standard_normal(t.size)).astype(np.float32)
         prompts.append({"prompt": f"tone {i} + white noise", "noisy": noisy, "clean": clean, "sample_rate": 16000})
     adapter = FlowAdapter(
-        SpeechEnhancer(tiny_unet(0, widths=(8, 16), patch=4, prediction="velocity")), kernel="sde", num_steps=4, eval_steps=4, window=2,
-        finetune="full",
+        SpeechEnhancer(tiny_unet(0, widths=(8, 16), patch=4, prediction="velocity")),
+        kernel="sde", num_steps=4, eval_steps=4, window=2, finetune="full",
     )
 
     def relative_rms(samples, prompts, **_):
