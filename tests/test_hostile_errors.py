@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mmgrpo.cli import main
 from mmgrpo.config import ConfigError

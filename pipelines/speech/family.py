@@ -71,12 +71,9 @@ def load_waveform(value: Any, sample_rate: int | None, target_rate: int, where: 
         raise ValueError(f"{where}: the waveform is empty or holds NaN/inf")
     rate = target_rate if sample_rate is None else int(sample_rate)
     if rate != target_rate:
-        from math import gcd
+        from mmgrpo.rewards.speech import resample  # the one resampler (torchaudio), as the metrics use
 
-        from scipy.signal import resample_poly
-
-        g = gcd(rate, target_rate)
-        audio = resample_poly(audio, target_rate // g, rate // g)
+        audio = resample(audio, rate, target_rate)
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
