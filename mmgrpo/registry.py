@@ -34,6 +34,9 @@ REWARDS: dict[str, str] = {
     "si_sdr": "mmgrpo.rewards.speech:SISDR",
     "dnsmos": "mmgrpo.rewards.speech:DNSMOS",
     "speech_quality": "mmgrpo.rewards.speech:SpeechQuality",
+    "reasoning_accuracy": "mmgrpo.rewards.reasoning:reasoning_accuracy",
+    "reasoning_format": "mmgrpo.rewards.reasoning:reasoning_format",
+    "sudoku_cells": "mmgrpo.rewards.reasoning:sudoku_cells",
 }
 
 DATASETS: dict[str, str] = {
@@ -41,6 +44,7 @@ DATASETS: dict[str, str] = {
     "miniworld": "mmgrpo.miniworld.scenes:train_and_heldout",
     "miniworld_vlm": "mmgrpo.miniworld.scenes:vlm_prompts",
     "speech": "mmgrpo.miniworld.speech:speech_prompts",
+    "reasoning": "mmgrpo.miniworld.reasoning:reasoning_prompts",
 }
 
 ESTIMATORS = {
