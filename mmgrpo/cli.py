@@ -1,4 +1,4 @@
-"""The `mmgrpo` command line: train, list, plot."""
+"""The `mmgrpo` command line: train, list, plot, demo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EPILOG = """examples:
   mmgrpo train --resume runs/try --max-steps 40        continue a run exactly where it stopped
   mmgrpo list                                          modalities, rewards, estimators, losses
   mmgrpo plot runs/try                                 write runs/try/rewards.png
+  mmgrpo demo runs/try                                 compare base and trained samples in a browser
 
 A run directory holds config.yaml, metrics.jsonl (one line per step), eval.json (held-out
 rewards before/after), samples/ (galleries), checkpoints/ and rewards.png.
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write a PNG of the reward curves of a run")
     plot.add_argument("run", type=Path, help="run directory (or its metrics.jsonl)")
     plot.add_argument("--out", type=Path, help="PNG path (default: RUN/rewards.png)")
+
+    demo = sub.add_parser("demo", help="open a page comparing a run's base and trained policies (extra 'demo')")
+    demo.add_argument("run", type=Path, help="run directory")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    demo.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
+    demo.add_argument("--checkpoint", metavar="step_N", help="checkpoint folder to compare (default: the latest)")
     return parser
 
 
@@ -108,6 +116,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _train(args, parser)
     if args.command == "list":
         return _list()
+    if args.command == "demo":
+        return _demo(args)
     return _plot(args)
 
 
@@ -241,6 +251,13 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"mmgrpo: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mmgrpo.demo.server import launch  # gradio is imported only once every check passed
+
+    launch(args.run, host=args.host, port=args.port, share=args.share, checkpoint=args.checkpoint)
     return 0
 
 
