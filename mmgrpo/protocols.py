@@ -54,6 +54,12 @@ class Adapter(Protocol):
       prompt index, the field and the file) for a prompt the adapter cannot take: media that is
       missing or does not decode, a prompt without text. Called on the training and held-out
       prompts before the run directory is made, so a bad prompt never leaves a dead run behind.
+    - `for_iteration(rollout, iteration, generator) -> Rollout`: the rollout inner iteration `iteration`
+      (0 .. train.num_iterations - 1) trains on. The trainer calls it for every iteration right after
+      sampling, under no_grad and before any update of the step (so old log-probs come from the sampling
+      policy), with the run's generator; the result keeps rows, rewards, advantages and keep, and may
+      change log_probs and extras (d1: a fresh prompt mask per iteration). Without it every iteration
+      trains on the sampled rollout.
     - `Options` (class attribute): a dataclass of the constructor's config options. When the class
       has one, `pipeline.kwargs` is checked against it (unknown key: one line with the closest
       valid key) before the adapter is built.

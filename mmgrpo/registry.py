@@ -19,6 +19,7 @@ ADAPTERS: dict[str, str] = {
     "toy": "mmgrpo.pipelines.toy:ToyAdapter",
     "vlm": "mmgrpo.pipelines.vlm:VLMAdapter",
     "flow": "mmgrpo.pipelines.flow.adapter:FlowAdapter",
+    "mdlm": "mmgrpo.pipelines.mdlm:MaskedDiffusionAdapter",
 }
 
 REWARDS: dict[str, str] = {
@@ -70,6 +71,7 @@ LOSSES = {
 EXTRAS = {
     "vlm": "vlm",
     "flow": "video",
+    "mdlm": "mdlm",
     "scene": "image",
     "clip_score": "image",
     "iou": "vlm",

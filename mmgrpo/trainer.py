@@ -4,7 +4,7 @@
         rollout = sample G outputs for each of B prompts        (adapter.sample, no grad)
         rewards = every reward on every sample, gathered over processes
         advantages = group-relative estimator on the gathered rewards
-        for epoch in range(num_iterations):
+        for epoch in range(num_iterations):    (epoch k: adapter.for_iteration(rollout, k) where the adapter has it)
             for micro_batch in rows:
                 for chunk in decision steps:
                     loss = weighted clipped surrogate (+ beta * KL)   (adapter.log_prob)
@@ -40,8 +40,8 @@ from mmgrpo.rundir import RunDir, RunResult
 from mmgrpo.scoring import score_rollout
 from mmgrpo.setup import Job, build_adapter, prepare, resume_run, start_run
 
-__all__ = ["train", "run_job", "collect_rollout", "sample_global_batch", "accumulate_gradients", "build_adapter",
-           "evaluate", "RunResult", "RunDir", "TrainState", "TIME_KEYS"]
+__all__ = ["train", "run_job", "collect_rollout", "sample_global_batch", "iteration_rollouts", "accumulate_gradients",
+           "build_adapter", "evaluate", "RunResult", "RunDir", "TrainState", "TIME_KEYS"]
 
 TIME_KEYS = ("time/sample", "time/reward", "time/train", "time/step")
 # what a step that trained nothing (no row could be scored) logs for the loss
@@ -99,7 +99,8 @@ def run_job(job: Job, progress: bool) -> RunResult:
         rollout, stats = collect_rollout(adapter, reward_fns, weights, job.train_prompts, state.order,
                                         state.generator, cfg, comm)
         t_train = time.perf_counter()
-        for _ in range(cfg.train.num_iterations):
+        rollouts = iteration_rollouts(adapter, rollout, cfg.train.num_iterations, state.generator, comm.autocast)
+        for iteration in range(cfg.train.num_iterations):
             if stats["rows"] == 0:  # no row could be scored: train nothing, log the step and go on
                 loss_stats, grad_norm = UNTRAINED, None
                 advance_schedule(scheduler)  # the schedule follows training steps, trained or not
@@ -107,7 +108,7 @@ def run_job(job: Job, progress: bool) -> RunResult:
             optimizer.zero_grad(set_to_none=True)
             loss_stats = accumulate_gradients(
                 adapter,
-                rollout,
+                rollouts[iteration],
                 cfg.loss,
                 micro_batch_size=cfg.train.micro_batch_size,
                 step_chunk=cfg.train.step_chunk,
@@ -242,6 +243,24 @@ def collect_rollout(
 
 
 # ------------------------------------------------------------------------------- the update
+
+
+def iteration_rollouts(
+    adapter: Adapter, rollout: Rollout, num_iterations: int, generator: torch.Generator,
+    autocast: Callable[[], Any] = nullcontext,
+) -> list[Rollout]:
+    """The rollout each inner iteration trains on, all built before the step's first update.
+
+    With the optional adapter method `for_iteration(rollout, k, generator)` (for example d1's fresh prompt
+    mask per iteration), iteration k trains on its result: same rows, rewards and advantages, its own
+    old log-probs and extras, scored by the still-unchanged sampling policy. Otherwise every iteration
+    trains on the rollout itself. The generator is the run's (saved in checkpoints): resume stays exact.
+    """
+    hook = getattr(adapter, "for_iteration", None)
+    if hook is None:
+        return [rollout] * num_iterations
+    with torch.no_grad(), autocast():
+        return [hook(rollout, k, generator) for k in range(num_iterations)]
 
 
 def accumulate_gradients(

@@ -118,10 +118,40 @@ def speech_case() -> ContractCase:
     )
 
 
+_TINY_MDLM: dict[str, Any] = {}
+
+
+def mdlm_case(estimator: str) -> ContractCase:
+    """Tiny random BertForMaskedLM with a character tokenizer, fully fine-tuned, sampled by the masked-diffusion
+    sampler; the reward is the share of the digit "1" in the completion, which a few steps can raise."""
+    import tempfile
+
+    from mmgrpo.pipelines.mdlm import MaskedDiffusionAdapter
+    from mmgrpo.pipelines.mdlm.tiny import build_tiny_mdlm
+
+    if "path" not in _TINY_MDLM:
+        _TINY_MDLM["path"] = build_tiny_mdlm(tempfile.mkdtemp(prefix="mmgrpo-contract-") + "/mdlm", hidden=32,
+                                             layers=1, heads=2)  # fmt: skip
+    adapter = MaskedDiffusionAdapter(_TINY_MDLM["path"], finetune="full", gen_length=6, block_length=3, steps=4,
+                                     estimator=estimator, mc_samples=3)  # fmt: skip
+
+    def share_of_ones(samples, prompts, **_):
+        return [s["tokens"].count("1") / 6 for s in samples]
+
+    return ContractCase(
+        adapter=adapter,
+        prompts=["A:12+345=", "C:3,5,7>22="],  # prompts of two lengths: two forwards per call
+        reward=share_of_ones,
+        train={"optim": {"lr": 1e-2}, "train": {"max_steps": 10, "prompts_per_step": 2, "group_size": 8}},
+    )
+
+
 CASES: dict[str, Callable[[], ContractCase]] = {
     "flow-sd3": lambda: _flow_case("sd3"),
     "flow-speech": speech_case,
     "flow-wan": lambda: _flow_case("wan"),
+    "mdlm-d1": lambda: mdlm_case("d1"),
+    "mdlm-elbo": lambda: mdlm_case("elbo"),
     "toy": toy_case,
     "vlm-qwen2": vlm_case,
 }

@@ -1,0 +1,306 @@
+"""MaskedDiffusionAdapter: GRPO over masked-diffusion LMs (LLaDA-style), d1 and ELBO log-prob estimators.
+
+The model is any bidirectional module mapping input_ids [n, L] to logits [n, L, V] (`.logits` or the
+first output), plus a mask token id: a transformers masked LM from a folder (the embedded default is a
+BertForMaskedLM), a remote-code model (LLaDA, Dream: trust_remote_code=true; Dream predicts token i at
+position i-1: shift_logits=true), or a built nn.Module with its tokenizer.
+
+Sampling runs `sampler.denoise` (blocks, steps, Gumbel-max in float64 through the run's generator,
+remasking). Rows whose prompts have the same token length share one forward and nothing is padded, so
+every row sees exactly the canvas it would see alone, whatever else is in the batch (no padding, no
+position ids needed from the model). What one decision step is depends on `estimator` (estimators.py):
+
+    d1    T = gen_length tokens; columns past the first EOS do not count (mask). Each inner iteration
+          draws its own prompt mask (`for_iteration`); old and new log-probs of an iteration share it.
+    elbo  T = mc_samples MC terms, masks drawn at sampling and kept in extras, so the policy, the
+          reference and every iteration score the same masked canvases.
+
+Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
+sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
+[N, K, Lc] bool. Samples are dicts {"text", "tokens", "steps"}: the text up to the first EOS, and each
+completion token (EOS included, padding after it left out) with its commit step, for the galleries.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from mmgrpo.pipelines.mdlm.estimators import (
+    completion_mask,
+    d1_canvas,
+    draw_elbo_masks,
+    draw_prompt_mask,
+    elbo_canvas,
+    elbo_terms,
+    token_log_probs,
+)
+from mmgrpo.pipelines.mdlm.sampler import REMASKING, block_schedule, denoise
+from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, not_loadable, options_from, parse_dtype, prompt_text
+from mmgrpo.rollout import Rollout
+
+__all__ = ["ESTIMATORS", "LORA_TARGETS", "MaskedDiffusionAdapter", "MDLMOptions"]
+
+ESTIMATORS = ("d1", "elbo")
+# LoRA targets: attention projections of BERT-style encoders and of LLaDA / Dream (whichever exist)
+LORA_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
+
+
+@dataclass
+class MDLMOptions:
+    """MaskedDiffusionAdapter's options (plain values, so they can come from YAML `pipeline.kwargs`)."""
+
+    model: Any = None  # a folder (or hub id), or a built module mapping input_ids -> logits
+    tokenizer: Any = None  # tokenizer object or folder; default: the model's folder
+    trust_remote_code: bool = False  # LLaDA / Dream: their modeling code ships with the checkpoint
+    shift_logits: bool = False  # Dream: the logits at position i-1 predict token i
+    mask_token_id: int | None = None  # default: the tokenizer's mask token
+    eos_token_id: int | None = None  # default: the tokenizer's EOS token
+    dtype: Any = None  # "float32" (default for a folder), "bfloat16", ... (or a torch.dtype)
+    device: Any = None
+    gen_length: int = 16  # completion tokens (the canvas' masked part)
+    block_length: int | None = None  # semi-autoregressive blocks (default: one block)
+    steps: int = 8  # sampler forwards over the whole completion
+    temperature: float = 1.0  # 0: greedy
+    remasking: str = "low_confidence"
+    threshold: float | None = None  # confidence-threshold sampling: commit every token that passes it
+    eval_steps: int | None = None
+    eval_temperature: float | None = None
+    estimator: Literal["d1", "elbo"] = "d1"
+    prompt_mask_prob: float = 0.15  # d1: share of prompt tokens masked when scoring
+    mc_samples: int = 4  # elbo: Monte Carlo samples per row (= T)
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    keep_reference: bool = True  # full fine-tuning: keep a frozen copy for reference()
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
+        for name in ("temperature", "eval_temperature"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 <= self.prompt_mask_prob < 1:
+            raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}")
+        if self.mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}")
+        block_schedule(self.gen_length, self.block_length or self.gen_length, self.steps)  # a bad split fails here
+        if self.eval_steps is not None:
+            block_schedule(self.gen_length, self.block_length or self.gen_length, self.eval_steps)
+        parse_dtype(self.dtype)
+
+
+class MaskedDiffusionAdapter(TunedAdapter):
+    """The policy: a masked-diffusion LM unmasking a completion canvas. See the module docstring."""
+
+    Options = MDLMOptions
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        self.options = options = options_from(MDLMOptions, {"model": model, "tokenizer": tokenizer, **kwargs},
+                                              "MaskedDiffusionAdapter")  # fmt: skip
+        model, self.tokenizer = _load(options)
+        if options.device is not None:
+            model.to(options.device)
+        self.mask_id = _token_id(options.mask_token_id, self.tokenizer, "mask_token_id", "mask")
+        self.eos_id = _token_id(options.eos_token_id, self.tokenizer, "eos_token_id", "eos")
+        specials = set(getattr(self.tokenizer, "all_special_ids", []) or []) | {self.mask_id}
+        self.banned = sorted(specials - {self.eos_id})  # never sampled: [MASK], padding, [UNK], ...
+        self.tuning = Finetuning(
+            model, options.finetune, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout, lora_target_modules=options.lora_target_modules,
+            keep_reference=options.keep_reference,
+        )  # fmt: skip
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.tuning.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def scores_all_steps_at_once(self) -> bool:
+        """d1 scores every token in one forward (a sequence-level ratio works); elbo runs a forward per sample."""
+        return self.options.estimator == "d1"
+
+    # ------------------------------------------------------------------ the model
+    def logits(self, canvas: torch.Tensor) -> torch.Tensor:
+        """Logits [n, L, V] of the running model (the reference inside reference()), banned tokens at -inf."""
+        out = self.tuning.active(input_ids=canvas.to(self.device))
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [n, L, V]
+        if self.options.shift_logits:  # Dream: position i-1 predicts token i
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if self.banned:
+            logits = logits.clone()
+            logits[..., self.banned] = -torch.inf
+        return logits
+
+    def encode(self, prompt: Any, index: int | None = None) -> torch.Tensor:
+        """Token ids [P] of one prompt item's text (no special tokens added)."""
+        ids = self.tokenizer(prompt_text(prompt, index), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {index} has no tokens: give a non-empty prompt")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def check_prompts(self, prompts: Sequence[Any]) -> None:
+        for i, prompt in enumerate(prompts):
+            self.encode(prompt, i)
+
+    # ------------------------------------------------------------------ protocol: sample
+    @torch.no_grad()
+    def sample(
+        self, prompts: Sequence[Any], group_size: int, generator: torch.Generator, *, evaluate: bool = False
+    ) -> Rollout:
+        """G completions per prompt (rows prompt-major), then the estimator's log-probs under the sampling policy."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        o = self.options
+        steps = (o.eval_steps or o.steps) if evaluate else o.steps
+        temperature = o.eval_temperature if evaluate and o.eval_temperature is not None else o.temperature
+        G, Lc = group_size, o.gen_length
+        encoded = [self.encode(p, i) for i, p in enumerate(prompts)]
+        rows = [b for b in range(len(prompts)) for _ in range(G)]
+        completion = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
+        commit_step = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
+        for length, members in _by_length([encoded[b] for b in rows]).items():
+            prompt = torch.stack([encoded[rows[r]] for r in members])  # [m, P]
+            canvas = torch.cat([prompt, torch.full((len(members), Lc), self.mask_id)], dim=1)  # [m, P + Lc]
+            done = denoise(self.logits, canvas.to(self.device), Lc, self.mask_id, generator,
+                           block_length=o.block_length, steps=steps, temperature=temperature,
+                           remasking=o.remasking, threshold=o.threshold)  # fmt: skip
+            completion[members] = done.canvas[:, length:].cpu()
+            commit_step[members] = done.commit_step.cpu()
+        extras: dict[str, Any] = {"prompt_ids": [encoded[b] for b in rows], "completion_ids": completion,
+                                  "commit_step": commit_step}  # fmt: skip
+        if o.estimator == "d1":
+            mask = completion_mask(completion, self.eos_id)  # [N, Lc]
+            extras["d1_prompt_mask"] = self._prompt_masks(extras["prompt_ids"], generator)
+        else:
+            mask = torch.ones(len(rows), o.mc_samples, dtype=torch.bool)  # [N, K]
+            extras["elbo_masks"] = draw_elbo_masks(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
+        rollout = Rollout(
+            group_id=torch.arange(len(prompts)).repeat_interleave(G),  # [N]
+            prompts=[prompts[b] for b in rows],
+            samples=[self._sample_record(completion[r], commit_step[r]) for r in range(len(rows))],
+            log_probs=torch.zeros(mask.shape),  # [N, T] filled below
+            mask=mask,
+            extras=extras,
+        )
+        rollout.log_probs = self.log_prob(rollout).float().cpu()  # [N, T]
+        return rollout
+
+    def _prompt_masks(self, prompt_ids: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        """d1: one fresh prompt mask per row, drawn in row order."""
+        return [draw_prompt_mask(len(p), 1, self.options.prompt_mask_prob, generator)[0] for p in prompt_ids]
+
+    def _sample_record(self, completion: torch.Tensor, commit_step: torch.Tensor) -> dict[str, Any]:
+        """{"text": up to the first EOS, "tokens"/"steps": each token up to and including it, with its step}."""
+        ids = completion.tolist()
+        end = ids.index(self.eos_id) if self.eos_id in ids else len(ids)
+        kept = ids[: end + 1]
+        return {"text": self.tokenizer.decode(ids[:end], skip_special_tokens=True),
+                "tokens": self.tokenizer.convert_ids_to_tokens(kept), "steps": commit_step[: len(kept)].tolist()}
+
+    # ------------------------------------------------------------------ protocol: log_prob
+    def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """The estimator's per-step log-probs [n, len(steps)] fp32 under the current weights (with gradients)."""
+        T = rollout.num_steps
+        steps = list(range(T)) if steps is None else [int(s) for s in steps]
+        n = len(rollout)
+        out = torch.zeros(n, len(steps), device=self.device)
+        if not steps:
+            return out
+        extras = rollout.extras
+        completion = extras["completion_ids"]  # [n, Lc]
+        Lc = completion.shape[1]
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        for length, members in _by_length(extras["prompt_ids"]).items():
+            prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
+            target = completion[members].to(self.device)  # [m, Lc]
+            if self.options.estimator == "d1":
+                prompt_mask = torch.stack([extras["d1_prompt_mask"][r] for r in members])  # [m, P]
+                logits = self.logits(d1_canvas(prompt, prompt_mask, Lc, self.mask_id))[:, length:]  # [m, Lc, V]
+                parts.append((members, token_log_probs(logits, target)[:, steps]))  # [m, S]
+            else:
+                masks = extras["elbo_masks"][members][:, steps]  # [m, S, Lc]
+                logits = self.logits(elbo_canvas(prompt, target, masks, self.mask_id))[:, length:]  # [m*S, Lc, V]
+                logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
+                parts.append((members, elbo_terms(logp.view(len(members), len(steps), Lc), masks)))  # [m, S]
+        index = torch.tensor([r for members, _ in parts for r in members], device=self.device)
+        return out.index_copy(0, index, torch.cat([values for _, values in parts]))  # [n, S]
+
+    # ------------------------------------------------------------------ trainer hook
+    @torch.no_grad()
+    def for_iteration(self, rollout: Rollout, iteration: int, generator: torch.Generator) -> Rollout:
+        """The rollout inner iteration `iteration` trains on (called before any update of the step).
+
+        d1: iteration 0 keeps the prompt mask drawn at sampling; every later one draws its own mask and
+        re-scores the old log-probs under the still-unchanged policy, so each iteration's ratio starts at 1.
+        elbo: the masks drawn at sampling serve every iteration (the rollout as it is).
+        """
+        if self.options.estimator != "d1" or iteration == 0:
+            return rollout
+        extras = {**rollout.extras, "d1_prompt_mask": self._prompt_masks(rollout.extras["prompt_ids"], generator)}
+        fresh = replace(rollout, extras=extras)
+        return replace(fresh, log_probs=self.log_prob(fresh).float().cpu())  # [N, T]
+
+    def export(self, sample: dict[str, Any], path: str | Path) -> Path:
+        """One sample as text: the completion, then each token with the step that committed it."""
+        path = Path(path).with_suffix(".txt")
+        order = " ".join(f"{token}@{step}" for token, step in zip(sample["tokens"], sample["steps"]))
+        path.write_text(f"{sample['text']}\nunmasking order (token@step): {order}\n", encoding="utf-8")
+        return path
+
+
+def _by_length(prompt_ids: Sequence[torch.Tensor]) -> dict[int, list[int]]:
+    """Row indices grouped by prompt length, in order of first appearance."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for r, ids in enumerate(prompt_ids):
+        groups[len(ids)].append(r)
+    return dict(groups)
+
+
+def _token_id(given: int | None, tokenizer: Any, option: str, name: str) -> int:
+    value = given if given is not None else getattr(tokenizer, f"{name}_token_id", None)
+    if value is None:
+        raise ValueError(f"the tokenizer has no {name} token: pass {option}= (the id the model was trained with)")
+    return int(value)
+
+
+def _load(options: MDLMOptions) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a folder or hub id (masked LM class, or remote code), or as given."""
+    model, tokenizer = options.model, options.tokenizer
+    if model is None:
+        raise ValueError("MaskedDiffusionAdapter needs model=: a model folder (or hub id), or a built module")
+    dtype = parse_dtype(options.dtype)
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModel, AutoModelForMaskedLM
+
+        source = str(model)
+        cls = AutoModel if options.trust_remote_code else AutoModelForMaskedLM
+        try:
+            model = cls.from_pretrained(source, dtype=dtype or torch.float32,
+                                        trust_remote_code=options.trust_remote_code)  # fmt: skip
+        except (OSError, ValueError) as err:
+            raise not_loadable(source, err, "model") from None
+        tokenizer = source if tokenizer is None else tokenizer
+    elif dtype is not None:
+        model = model.to(dtype)
+    if tokenizer is None:
+        raise ValueError("a built model needs its tokenizer: MaskedDiffusionAdapter(model, tokenizer=...)")
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=options.trust_remote_code)
+    return model, tokenizer

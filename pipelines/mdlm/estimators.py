@@ -1,0 +1,63 @@
+"""Log-probability estimators of masked-diffusion LMs, as pure functions (ANCHORS.md section 3).
+
+A masked-diffusion LM has no tractable sequence likelihood; GRPO needs a per-decision "log-prob" whose
+ratio it can clip. Each estimator fixes what one decision step (a column of Rollout.log_probs) is:
+
+- d1 (diffu-GRPO): T = completion tokens. The completion fully masked plus a random share of prompt
+  tokens masked; one forward gives log pi(o_k | q') for every completion token k.
+- elbo: T = Monte Carlo samples. Sample j masks k_j ~ U{1..L} of the L completion tokens; its term is
+  (L / k_j) * sum over the masked tokens of log p(token | the rest). The mean over j is an unbiased estimate
+  of the ELBO E_k[(L/k) sum_masked log p], a lower bound of the sequence's log-likelihood (it equals the
+  average over unmasking orders of the any-order autoregressive log-likelihood; Jensen gives the bound).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] in fp32 ([..., V], [...] -> [...])."""
+    return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1))[..., 0]
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[n, Lc] bool: completion tokens up to and including the first EOS (all of them if there is none)."""
+    is_eos = completion == eos_id  # [n, Lc]
+    after = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before each column
+    return after == 0
+
+
+def draw_prompt_mask(prompt_length: int, rows: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """[rows, P] bool: each prompt token masked independently with `probability` (d1's prompt masking)."""
+    u = torch.rand((rows, prompt_length), generator=generator, device=generator.device)  # [rows, P]
+    return (u < probability).cpu()
+
+
+def d1_canvas(prompt: torch.Tensor, prompt_mask: torch.Tensor, gen_length: int, mask_id: int) -> torch.Tensor:
+    """prompt [n, P] with prompt_mask [n, P] masked, then gen_length masks -> canvas [n, P + gen_length]."""
+    masked_prompt = torch.where(prompt_mask.to(prompt.device), mask_id, prompt)  # [n, P]
+    return torch.cat([masked_prompt, torch.full_like(prompt[:, :1], mask_id).expand(-1, gen_length)], dim=1)
+
+
+def draw_elbo_masks(rows: int, samples: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, samples, length] bool: each sample masks k ~ U{1..length} positions chosen uniformly."""
+    device = generator.device
+    k = torch.randint(1, length + 1, (rows, samples, 1), generator=generator, device=device)  # [n, K, 1]
+    ranks = torch.rand((rows, samples, length), generator=generator, device=device).argsort(-1).argsort(-1)
+    return (ranks < k).cpu()  # a uniformly random k-subset: the positions of the k smallest draws
+
+
+def elbo_canvas(prompt: torch.Tensor, completion: torch.Tensor, masks: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Canvases of the MC samples: [n, P], [n, Lc], [n, S, Lc] -> [n * S, P + Lc] (rows sample-minor)."""
+    S = masks.shape[1]
+    masked = torch.where(masks.to(completion.device), mask_id, completion[:, None, :])  # [n, S, Lc]
+    return torch.cat([prompt[:, None, :].expand(-1, S, -1), masked], dim=2).flatten(0, 1)
+
+
+def elbo_terms(token_logp: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(L / k) * sum of the masked tokens' log-probs, per sample ([n, S, L], [n, S, L] -> [n, S])."""
+    L = masks.shape[-1]
+    m = masks.to(token_logp.device)
+    k = m.sum(-1).clamp_min(1)  # [n, S]
+    return (token_logp * m).sum(-1) * (L / k)
