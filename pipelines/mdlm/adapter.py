@@ -18,7 +18,8 @@ position ids needed from the model). What one decision step is depends on `estim
 Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
 sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
 [N, K, Lc] bool. Samples are dicts {"text", "tokens", "steps"}: the text up to the first EOS, and each
-completion token (EOS included, padding after it left out) with its commit step, for the galleries.
+completion token (EOS included, padding after it left out) with its commit step; galleries write them
+inline (samples/<tag>.jsonl), and the demo colours each token by its step.
 """
 
 from __future__ import annotations
@@ -254,13 +255,6 @@ class MaskedDiffusionAdapter(TunedAdapter):
         extras = {**rollout.extras, "d1_prompt_mask": self._prompt_masks(rollout.extras["prompt_ids"], generator)}
         fresh = replace(rollout, extras=extras)
         return replace(fresh, log_probs=self.log_prob(fresh).float().cpu())  # [N, T]
-
-    def export(self, sample: dict[str, Any], path: str | Path) -> Path:
-        """One sample as text: the completion, then each token with the step that committed it."""
-        path = Path(path).with_suffix(".txt")
-        order = " ".join(f"{token}@{step}" for token, step in zip(sample["tokens"], sample["steps"]))
-        path.write_text(f"{sample['text']}\nunmasking order (token@step): {order}\n", encoding="utf-8")
-        return path
 
 
 def _by_length(prompt_ids: Sequence[torch.Tensor]) -> dict[int, list[int]]:
