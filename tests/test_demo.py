@@ -278,6 +278,8 @@ def test_gallery_pages_and_curves(tmp_path, toy_run):
     assert pictures == [] and table.count("<tr>") == 4 and "s8" in table and "s0" not in table
     assert runs_tab.picture_of(run, {"file": "../outside.png"}) is None
     assert "no before gallery" in runs_tab.gallery_page(run, "before", 1)[1]
+    coloured = runs_tab.sample_html({"text": "12", "tokens": ["1", "2"], "steps": [1, 0]})
+    assert coloured.count('class="mm-token"') == 2 and 'data-step="1"' in coloured
     metrics = [json.loads(line) for line in (toy_run / "metrics.jsonl").read_text().splitlines()]
     keys = runs_tab.reward_keys(metrics)
     assert "reward/mean" in keys and "reward/sequence_match/mean" in keys

@@ -225,8 +225,9 @@ class ComparePage:
         for i, sample in enumerate(samples):
             label = f"{side} {i + 1}" if len(samples) > 1 else side
             tokens = views.mdlm_parts(sample) if self.kind == "mdlm" else None
-            text = getattr(sample, "text", sample) if not isinstance(sample, (str, dict)) else sample
-            body = views.mdlm_html(*tokens) if tokens else views.text_html(str(text), label)
+            text = sample.get("text", sample) if isinstance(sample, dict) else getattr(sample, "text", sample)
+            steps = self.run.cfg.pipeline.kwargs.get("steps")  # the sampler's step count: the colour scale
+            body = views.mdlm_html(*tokens, num_steps=steps) if tokens else views.text_html(str(text), label)
             parts.append(f"<b>{label}</b>{body}" if tokens else body)
         return f'<div id="mm-{side}-text">{"".join(parts)}</div>'
 

@@ -76,9 +76,8 @@ def gallery_page(run: Path, tag: str, page: int, size: int = PAGE_SIZE) -> tuple
         if picture is not None:
             pictures.append((picture, caption(entry)))
         else:
-            sample = entry.get("sample", entry.get("file", ""))
             rows.append(f"<tr><td>{html.escape(str(entry.get('prompt', '')))}</td>"
-                        f"<td><code>{html.escape(str(sample))}</code></td>"
+                        f"<td>{sample_html(entry.get('sample', entry.get('file', '')))}</td>"
                         f"<td>{html.escape(caption(entry).rpartition(' | ')[2])}</td></tr>")
     title = f"<b>{'before' if tag == 'before' else 'after'} training</b>"
     table = (f"{title}<table><tr><th>prompt</th><th>sample</th><th>rewards</th></tr>" + "".join(rows) + "</table>"
@@ -86,6 +85,17 @@ def gallery_page(run: Path, tag: str, page: int, size: int = PAGE_SIZE) -> tuple
     if not entries:
         table = f"<i>no {tag} gallery in this run (eval.gallery was 0, or the run has not evaluated yet)</i>"
     return pictures, table
+
+
+def sample_html(sample: Any) -> str:
+    """An inline gallery sample: a masked-diffusion completion coloured by unmasking step, else its text."""
+    from mmgrpo.demo.views import mdlm_html, mdlm_parts
+
+    parts = mdlm_parts(sample) if isinstance(sample, dict) else None
+    if parts is not None:
+        return mdlm_html(*parts)
+    text = sample.get("text", sample) if isinstance(sample, dict) else sample
+    return f"<code>{html.escape(str(text))}</code>"
 
 
 def reward_keys(metrics: list[dict[str, Any]]) -> list[str]:
