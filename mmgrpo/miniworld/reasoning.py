@@ -201,8 +201,13 @@ _MAKERS = {"sudoku": sudoku_item, "arithmetic": arithmetic_item, "countdown": co
 _SPLIT_SEEDS = {"train": 0, "eval": 1}
 
 
-def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: int = 0) -> list[dict[str, Any]]:
-    """`count` distinct items of one split, the tasks in turn, deterministic in (split, tasks, seed)."""
+def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: int = 0,
+                    distinct: bool = True) -> list[dict[str, Any]]:
+    """`count` items of one split, the tasks in turn, deterministic in (split, tasks, seed, distinct).
+
+    distinct=False allows repeats (a pretraining stream larger than a task's space of prompts: 3 numbers
+    of 1-9 make a few thousand distinct Countdown prompts).
+    """
     if split not in SPLITS:
         raise ValueError(f"reasoning_items: unknown split {split!r}; use 'train' or 'eval'")
     unknown = [t for t in tasks if t not in TASKS]
@@ -211,16 +216,19 @@ def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: 
     rng = random.Random(f"reasoning/{split}/{seed}")
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
-    attempts = 0
+    misses = 0  # draws in a row that gave nothing new
     while len(items) < count:
         task = tasks[len(items) % len(tasks)]
         item = _MAKERS[task](rng)
-        attempts += 1
-        if attempts > 200 * (count + 10):
-            raise ValueError(f"reasoning: could not draw {count} distinct {split} items of {list(tasks)}; ask for fewer")
-        if split_of(item["prompt"]) == split and item["prompt"] not in seen:
+        if split_of(item["prompt"]) == split and (not distinct or item["prompt"] not in seen):
             seen.add(item["prompt"])
             items.append(item)
+            misses = 0
+        else:
+            misses += 1
+            if misses > 20000:
+                raise ValueError(f"reasoning: could not draw {count} distinct {split} items of {list(tasks)} "
+                                 f"({task} ran out of new prompts after {len(items)}); ask for fewer")
     return items
 
 

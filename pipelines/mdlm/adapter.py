@@ -59,6 +59,7 @@ class MDLMOptions:
     tokenizer: Any = None  # tokenizer object or folder; default: the model's folder
     trust_remote_code: bool = False  # LLaDA / Dream: their modeling code ships with the checkpoint
     shift_logits: bool = False  # Dream: the logits at position i-1 predict token i
+    chat_template: bool = False  # wrap each prompt as a user turn of the tokenizer's chat template (LLaDA-Instruct)
     mask_token_id: int | None = None  # default: the tokenizer's mask token
     eos_token_id: int | None = None  # default: the tokenizer's EOS token
     dtype: Any = None  # "float32" (default for a folder), "bfloat16", ... (or a torch.dtype)
@@ -149,7 +150,11 @@ class MaskedDiffusionAdapter(TunedAdapter):
 
     def encode(self, prompt: Any, index: int | None = None) -> torch.Tensor:
         """Token ids [P] of one prompt item's text (no special tokens added)."""
-        ids = self.tokenizer(prompt_text(prompt, index), add_special_tokens=False)["input_ids"]
+        text = prompt_text(prompt, index)
+        if self.options.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)  # fmt: skip
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"prompt {index} has no tokens: give a non-empty prompt")
         return torch.tensor(ids, dtype=torch.long)

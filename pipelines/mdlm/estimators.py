@@ -61,3 +61,13 @@ def elbo_terms(token_logp: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     m = masks.to(token_logp.device)
     k = m.sum(-1).clamp_min(1)  # [n, S]
     return (token_logp * m).sum(-1) * (L / k)
+
+
+def masked_diffusion_loss(token_logp: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The masked-diffusion training loss (LLaDA's SFT objective): each masked answer token's negative log-prob
+    weighted 1/t, summed over the answer, divided by its length L, averaged over rows ([n, L], [n, L], [n] -> []).
+
+    With masks drawn with probability t ~ U(0, 1), its expectation is minus the ELBO of the answer, per token.
+    """
+    L = masked.shape[1]
+    return (-(token_logp * masked).sum(1) / (t * L)).mean()
