@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     demo.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
     demo.add_argument("--checkpoint", metavar="step_N", help="checkpoint folder to compare (default: the latest)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads for sampling (default 1)")
     return parser
 
 
@@ -257,7 +258,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from mmgrpo.demo.server import launch  # gradio is imported only once every check passed
 
-    launch(args.run, host=args.host, port=args.port, share=args.share, checkpoint=args.checkpoint)
+    launch(args.run, host=args.host, port=args.port, share=args.share, checkpoint=args.checkpoint,
+           threads=args.threads)
     return 0
 
 

@@ -72,6 +72,15 @@ def test_an_older_checkpoint_can_be_named(toy_run):
     assert run.step == 2
     with pytest.raises(ConfigError, match="no checkpoint 'step_9'.*step_000004, step_000002"):
         load_run(toy_run, "step_9")
+    with pytest.raises(ConfigError, match="--threads must be at least 1"):
+        load_run(toy_run, threads=0)
+
+
+def test_timing_tool_measures_a_comparison(toy_run):
+    from mmgrpo.demo.timing import time_run
+
+    measured = time_run(str(toy_run), threads=1, repeats=2)
+    assert 0 < measured["median"] <= measured["max"] and measured["load"] > 0
 
 
 # ------------------------------------------------------------------------------- one comparison

@@ -65,11 +65,16 @@ class Comparison:
     seconds: float  # both sides
 
 
-def load_run(path: str | Path, checkpoint_name: str | None = None) -> RunPolicies:
+def load_run(path: str | Path, checkpoint_name: str | None = None, threads: int | None = None) -> RunPolicies:
     """The run in `path` with both policies ready; every problem is one ConfigError line.
 
-    checkpoint_name: a folder under checkpoints/ (default: the latest one).
+    checkpoint_name: a folder under checkpoints/ (default: the latest one). threads: torch's CPU
+    threads (None: leave torch's setting).
     """
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"'{path}' is not a folder: give a run directory made by `mmgrpo train`")
@@ -130,8 +135,6 @@ def build_policies(cfg: Config) -> tuple[Adapter, torch.device]:
 
     if cfg.pipeline.kwargs.get("keep_reference") is False:
         cfg.pipeline.kwargs["keep_reference"] = True
-    if cfg.train.num_threads is not None:
-        torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # as training does before building (initial weights)
     adapter = build_adapter(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")

@@ -55,14 +55,17 @@ def prepare_environment() -> Path:
 
 
 def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           checkpoint: str | None = None, block: bool = True) -> Any:
+           checkpoint: str | None = None, threads: int | None = 1, block: bool = True) -> Any:
     """Check everything, then serve the demo of `run_dir`. Returns the Blocks (block=False: it keeps
-    serving in a thread; call .close() to stop it)."""
+    serving in a thread; call .close() to stop it).
+
+    threads: torch's CPU threads for sampling. 1 by default: the embedded models are tiny, and on a
+    shared 2-core machine a second thread made a comparison up to 10x slower (README, Demo)."""
     from mmgrpo.demo.policies import load_run
 
     require_gradio()
     check_share(share)
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, threads)
     workdir = prepare_environment()
     from mmgrpo.demo.app import SYNC_VIDEOS_JS, build_app
 
