@@ -151,6 +151,7 @@ CASES: dict[str, Callable[[], ContractCase]] = {
     "flow-speech": speech_case,
     "flow-wan": lambda: _flow_case("wan"),
     "mdlm-d1": lambda: mdlm_case("d1"),
+    "mdlm-bgpo": lambda: mdlm_case("bgpo"),
     "mdlm-elbo": lambda: mdlm_case("elbo"),
     "toy": toy_case,
     "vlm-qwen2": vlm_case,

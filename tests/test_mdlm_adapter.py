@@ -174,3 +174,36 @@ def test_bad_options_are_one_line(tiny_path, tmp_path):
         MaskedDiffusionAdapter(str(tmp_path))
     with pytest.raises(ValueError, match="needs its tokenizer"):
         MaskedDiffusionAdapter(tiny_masked_lm(10, hidden=32, layers=1, heads=2))
+
+
+def test_bgpo_bound_has_the_exact_elbo_objectives_value_and_gradient_on_policy(tiny_path):
+    """BGPO (one MC sample per backward) == the plain ELBO ratio exp(ELBO - ELBO_old) in one graph, on-policy."""
+    exact = _adapter(tiny_path, estimator="elbo", mc_samples=4)
+    bound = _adapter(tiny_path, estimator="bgpo", mc_samples=4)
+    assert bound.scores_all_steps_at_once is False and exact.scores_all_steps_at_once is True
+    a = exact.sample(PROMPTS, 4, torch.Generator().manual_seed(0))
+    b = bound.sample(PROMPTS, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(a.extras["elbo_masks"], b.extras["elbo_masks"]) and a.samples == b.samples
+    assert torch.equal(b.log_probs, torch.zeros_like(b.log_probs))  # the bound's old log-probs
+    assert torch.allclose(b.extras["elbo_old"], a.log_probs)
+    a.advantages = b.advantages = torch.linspace(-1.5, 1.0, len(a))  # both signs
+    grads = []
+    for adapter, rollout, cfg, chunk in ((exact, a, LossConfig(ratio="sequence", aggregation="grpo"), None),
+                                         (bound, b, LossConfig(ratio="token", aggregation="grpo"), 1)):  # fmt: skip
+        params = adapter.trainable_parameters()
+        stats = accumulate_gradients(adapter, rollout, cfg, micro_batch_size=5, step_chunk=chunk)
+        grads.append((stats["loss"], torch.cat([p.grad.flatten() for p in params.values()])))
+        assert stats["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert grads[0][1].abs().sum() > 0
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_bgpo_ratio_is_the_bound_term_off_policy():
+    from mmgrpo.pipelines.mdlm.estimators import bgpo_log_ratio
+
+    elbo, old = torch.tensor([[-3.0, -2.0]]), torch.tensor([[-3.5, -1.0]])
+    up = bgpo_log_ratio(elbo, old, torch.tensor([True])).exp()  # 1 + D_j
+    down = bgpo_log_ratio(elbo, old, torch.tensor([False])).exp()  # exp(D_j)
+    assert torch.allclose(up, torch.tensor([[1.5, 1e-6]]))  # 1 + D floored
+    assert torch.allclose(down, torch.exp(torch.tensor([[0.5, -1.0]])))

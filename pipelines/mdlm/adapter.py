@@ -13,7 +13,12 @@ position ids needed from the model). What one decision step is depends on `estim
     d1    T = gen_length tokens; columns past the first EOS do not count (mask). Each inner iteration
           draws its own prompt mask (`for_iteration`); old and new log-probs of an iteration share it.
     elbo  T = mc_samples MC terms, masks drawn at sampling and kept in extras, so the policy, the
-          reference and every iteration score the same masked canvases.
+          reference and every iteration score the same masked canvases. With loss.ratio=sequence the
+          ratio is exp(ELBO - ELBO_old), the plain ELBO objective (all samples in one graph).
+    bgpo  T = mc_samples, BGPO's bound (estimators.bgpo_log_ratio): old log-probs 0, the ELBO terms of
+          sampling kept in extras (elbo_old); the token-level loss backpropagates one MC sample per
+          step chunk (train.step_chunk=1: memory independent of mc_samples). Reads each row's
+          advantage sign (rows without advantages take the A >= 0 form).
 
 Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
 sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
@@ -32,6 +37,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from mmgrpo.pipelines.mdlm.estimators import (
+    bgpo_log_ratio,
     completion_mask,
     d1_canvas,
     draw_elbo_masks,
@@ -46,7 +52,7 @@ from mmgrpo.rollout import Rollout
 
 __all__ = ["ESTIMATORS", "LORA_TARGETS", "MaskedDiffusionAdapter", "MDLMOptions"]
 
-ESTIMATORS = ("d1", "elbo")
+ESTIMATORS = ("d1", "elbo", "bgpo")
 # LoRA targets: attention projections of BERT-style encoders and of LLaDA / Dream (whichever exist)
 LORA_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
@@ -72,9 +78,9 @@ class MDLMOptions:
     threshold: float | None = None  # confidence-threshold sampling: commit every token that passes it
     eval_steps: int | None = None
     eval_temperature: float | None = None
-    estimator: Literal["d1", "elbo"] = "d1"
+    estimator: Literal["d1", "elbo", "bgpo"] = "d1"
     prompt_mask_prob: float = 0.15  # d1: share of prompt tokens masked when scoring
-    mc_samples: int = 4  # elbo: Monte Carlo samples per row (= T)
+    mc_samples: int = 4  # elbo / bgpo: Monte Carlo samples per row (= T)
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -133,8 +139,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
 
     @property
     def scores_all_steps_at_once(self) -> bool:
-        """d1 scores every token in one forward (a sequence-level ratio works); elbo runs a forward per sample."""
-        return self.options.estimator == "d1"
+        """d1 and elbo score every step in one call (a sequence-level ratio works); bgpo's bound is per sample."""
+        return self.options.estimator != "bgpo"
 
     # ------------------------------------------------------------------ the model
     def logits(self, canvas: torch.Tensor) -> torch.Tensor:
@@ -195,6 +201,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
         else:
             mask = torch.ones(len(rows), o.mc_samples, dtype=torch.bool)  # [N, K]
             extras["elbo_masks"] = draw_elbo_masks(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
+            if o.estimator == "bgpo":
+                extras["elbo_old"] = torch.zeros(mask.shape)  # [N, K], filled below
         rollout = Rollout(
             group_id=torch.arange(len(prompts)).repeat_interleave(G),  # [N]
             prompts=[prompts[b] for b in rows],
@@ -203,6 +211,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
             mask=mask,
             extras=extras,
         )
+        if o.estimator == "bgpo":  # the bound's old log-probs are 0; the sampling policy's ELBO terms kept
+            rollout.extras["elbo_old"] = self._elbo(rollout).float().cpu()  # [N, K]
         rollout.log_probs = self.log_prob(rollout).float().cpu()  # [N, T]
         return rollout
 
@@ -221,28 +231,48 @@ class MaskedDiffusionAdapter(TunedAdapter):
     # ------------------------------------------------------------------ protocol: log_prob
     def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:
         """The estimator's per-step log-probs [n, len(steps)] fp32 under the current weights (with gradients)."""
-        T = rollout.num_steps
-        steps = list(range(T)) if steps is None else [int(s) for s in steps]
-        n = len(rollout)
-        out = torch.zeros(n, len(steps), device=self.device)
-        if not steps:
-            return out
+        steps = list(range(rollout.num_steps)) if steps is None else [int(s) for s in steps]
+        if self.options.estimator == "d1":
+            return self._d1(rollout, steps)
+        elbo = self._elbo(rollout, steps)  # [n, S]
+        if self.options.estimator == "elbo":
+            return elbo
+        advantages = rollout.advantages if rollout.advantages is not None else torch.zeros(len(rollout))
+        return bgpo_log_ratio(elbo, rollout.extras["elbo_old"][:, steps], advantages >= 0)  # [n, S]
+
+    def _d1(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
+        """d1: log p(token | completion masked, prompt partly masked) of each completion token in `steps`."""
         extras = rollout.extras
-        completion = extras["completion_ids"]  # [n, Lc]
-        Lc = completion.shape[1]
-        parts: list[tuple[list[int], torch.Tensor]] = []
+        Lc = extras["completion_ids"].shape[1]
+        parts = []
         for length, members in _by_length(extras["prompt_ids"]).items():
             prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
-            target = completion[members].to(self.device)  # [m, Lc]
-            if self.options.estimator == "d1":
-                prompt_mask = torch.stack([extras["d1_prompt_mask"][r] for r in members])  # [m, P]
-                logits = self.logits(d1_canvas(prompt, prompt_mask, Lc, self.mask_id))[:, length:]  # [m, Lc, V]
-                parts.append((members, token_log_probs(logits, target)[:, steps]))  # [m, S]
-            else:
-                masks = extras["elbo_masks"][members][:, steps]  # [m, S, Lc]
-                logits = self.logits(elbo_canvas(prompt, target, masks, self.mask_id))[:, length:]  # [m*S, Lc, V]
-                logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
-                parts.append((members, elbo_terms(logp.view(len(members), len(steps), Lc), masks)))  # [m, S]
+            target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
+            prompt_mask = torch.stack([extras["d1_prompt_mask"][r] for r in members])  # [m, P]
+            logits = self.logits(d1_canvas(prompt, prompt_mask, Lc, self.mask_id))[:, length:]  # [m, Lc, V]
+            parts.append((members, token_log_probs(logits, target)[:, steps]))  # [m, S]
+        return self._rows_in_order(parts, len(rollout), len(steps))
+
+    def _elbo(self, rollout: Rollout, steps: list[int] | None = None) -> torch.Tensor:
+        """ELBO terms (L/k) sum_masked log p of the MC samples `steps` (default all) of every row: [n, S]."""
+        extras = rollout.extras
+        steps = list(range(extras["elbo_masks"].shape[1])) if steps is None else steps
+        Lc = extras["completion_ids"].shape[1]
+        parts = []
+        for length, members in _by_length(extras["prompt_ids"]).items():
+            prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
+            target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
+            masks = extras["elbo_masks"][members][:, steps]  # [m, S, Lc]
+            logits = self.logits(elbo_canvas(prompt, target, masks, self.mask_id))[:, length:]  # [m*S, Lc, V]
+            logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
+            parts.append((members, elbo_terms(logp.view(len(members), len(steps), Lc), masks)))  # [m, S]
+        return self._rows_in_order(parts, len(rollout), len(steps))
+
+    def _rows_in_order(self, parts: list[tuple[list[int], torch.Tensor]], n: int, width: int) -> torch.Tensor:
+        """Per-length-group results [m, S] put back in row order: [n, S]."""
+        out = torch.zeros(n, width, device=self.device)
+        if not parts or width == 0:
+            return out
         index = torch.tensor([r for members, _ in parts for r in members], device=self.device)
         return out.index_copy(0, index, torch.cat([values for _, values in parts]))  # [n, S]
 
@@ -255,7 +285,7 @@ class MaskedDiffusionAdapter(TunedAdapter):
         re-scores the old log-probs under the still-unchanged policy, so each iteration's ratio starts at 1.
         elbo: the masks drawn at sampling serve every iteration (the rollout as it is).
         """
-        if self.options.estimator != "d1" or iteration == 0:
+        if self.options.estimator != "d1" or iteration == 0:  # elbo / bgpo: the sampling masks serve every iteration
             return rollout
         extras = {**rollout.extras, "d1_prompt_mask": self._prompt_masks(rollout.extras["prompt_ids"], generator)}
         fresh = replace(rollout, extras=extras)

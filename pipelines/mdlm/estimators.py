@@ -71,3 +71,17 @@ def masked_diffusion_loss(token_logp: torch.Tensor, masked: torch.Tensor, t: tor
     """
     L = masked.shape[1]
     return (-(token_logp * masked).sum(1) / (t * L)).mean()
+
+
+def bgpo_log_ratio(elbo: torch.Tensor, elbo_old: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per-sample "log-probs" whose ratio to 0 is BGPO's bound term ([n, S], [n, S], [n] bool -> [n, S]).
+
+    The exact objective A * exp(D), D = mean_j D_j (D_j = elbo_j - elbo_old_j), is bounded below by a sum of
+    single-sample terms: A * mean_j (1 + D_j) for A >= 0 (exp(x) >= 1 + x) and A * mean_j exp(D_j) for A < 0
+    (Jensen). With old log-probs 0, a per-step ratio r_j = exp(value_j) of log(1 + D_j) (A >= 0; 1 + D_j
+    floored at 1e-6) or D_j (A < 0) makes the token-level surrogate r_j * A exactly those terms, so each MC
+    sample can be backpropagated alone. On-policy (D = 0) value and gradient equal the exact objective's.
+    """
+    d = elbo - elbo_old.to(elbo.device)  # [n, S]
+    linear = torch.log((1 + d).clamp_min(1e-6))
+    return torch.where(positive.to(elbo.device)[:, None], linear, d)
