@@ -106,3 +106,18 @@ def test_sudoku_cells_counts_shared_cells():
 
 def test_doctests():
     assert doctest.testmod(rewards_module).failed == 0
+
+
+def test_difficulty_options_reach_the_item_makers():
+    easy = rs.reasoning_prompts(num_train=30, num_eval=6, difficulty={"arithmetic": {"max_digits": 2},
+                                "sudoku": {"min_blanks": 2, "max_blanks": 2}, "countdown": {"count": 2}})  # fmt: skip
+    for item in easy["train"] + easy["eval"]:
+        if item["task"] == "arithmetic":
+            assert all(10 <= int(n) <= 99 for n in item["prompt"][2:-1].replace("-", "+").split("+"))
+        elif item["task"] == "sudoku":
+            assert item["puzzle"].count(".") == 2
+        else:
+            assert len(item["numbers"]) == 2
+        assert rs.task_correct(item["answer"], item)
+    with pytest.raises(ValueError, match="unknown task"):
+        rs.reasoning_prompts(difficulty={"chess": {}})

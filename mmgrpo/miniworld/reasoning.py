@@ -127,9 +127,9 @@ def sudoku_cells_right(completion: str, answer: str) -> float:
 # ----------------------------------------------------------------------------- arithmetic
 
 
-def arithmetic_item(rng: random.Random) -> dict[str, Any]:
-    """a+b or a-b, each operand of two or three digits."""
-    a, b = (rng.randint(10, 999) for _ in range(2))
+def arithmetic_item(rng: random.Random, max_digits: int = 3) -> dict[str, Any]:
+    """a+b or a-b, each operand of two to `max_digits` digits."""
+    a, b = (rng.randint(10, 10**max_digits - 1) for _ in range(2))
     op = rng.choice("+-")
     value = a + b if op == "+" else a - b
     return {"prompt": f"A:{a}{op}{b}=", "answer": str(value), "task": "arithmetic"}
@@ -202,12 +202,17 @@ _SPLIT_SEEDS = {"train": 0, "eval": 1}
 
 
 def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: int = 0,
-                    distinct: bool = True) -> list[dict[str, Any]]:
-    """`count` items of one split, the tasks in turn, deterministic in (split, tasks, seed, distinct).
+                    distinct: bool = True, difficulty: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`count` items of one split, the tasks in turn, deterministic in (split, tasks, seed, distinct, difficulty).
 
     distinct=False allows repeats (a pretraining stream larger than a task's space of prompts: 3 numbers
-    of 1-9 make a few thousand distinct Countdown prompts).
+    of 1-9 make a few thousand distinct Countdown prompts). difficulty: keyword arguments of the item
+    makers by task, e.g. {"arithmetic": {"max_digits": 2}, "sudoku": {"max_blanks": 6}}.
     """
+    difficulty = difficulty or {}
+    unknown_tasks = [t for t in difficulty if t not in TASKS]
+    if unknown_tasks:
+        raise ValueError(f"reasoning: difficulty for unknown task(s) {unknown_tasks}; use keys from {list(TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"reasoning_items: unknown split {split!r}; use 'train' or 'eval'")
     unknown = [t for t in tasks if t not in TASKS]
@@ -219,7 +224,7 @@ def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: 
     misses = 0  # draws in a row that gave nothing new
     while len(items) < count:
         task = tasks[len(items) % len(tasks)]
-        item = _MAKERS[task](rng)
+        item = _MAKERS[task](rng, **difficulty.get(task, {}))
         if split_of(item["prompt"]) == split and (not distinct or item["prompt"] not in seen):
             seen.add(item["prompt"])
             items.append(item)
@@ -232,11 +237,12 @@ def reasoning_items(split: str, count: int, tasks: Sequence[str] = TASKS, seed: 
     return items
 
 
-def reasoning_prompts(num_train: int = 3000, num_eval: int = 192, tasks: Sequence[str] = TASKS,
-                      seed: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """The `reasoning` prompt set for data.source: {"train": [...], "eval": [...]}, held-out prompts apart."""
+def reasoning_prompts(num_train: int = 3000, num_eval: int = 192, tasks: Sequence[str] = TASKS, seed: int = 0,
+                      difficulty: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The `reasoning` prompt set for data.source: {"train": [...], "eval": [...]}, held-out prompts apart.
+    difficulty: per-task options of the item makers (see reasoning_items)."""
     for name, n in (("num_train", num_train), ("num_eval", num_eval)):
         if n < 0:
             raise ValueError(f"reasoning_prompts: {name} must be >= 0, got {n}")
-    return {"train": reasoning_items("train", num_train, tasks, seed),
-            "eval": reasoning_items("eval", num_eval, tasks, seed)}  # fmt: skip
+    return {"train": reasoning_items("train", num_train, tasks, seed, difficulty=difficulty),
+            "eval": reasoning_items("eval", num_eval, tasks, seed, difficulty=difficulty)}  # fmt: skip
