@@ -190,6 +190,9 @@ def test_audio_uploads(tmp_path):
     assert wave.dtype == np.float32 and wave.shape == (16000,) and "44100 Hz" in note and "16000" in note
     same, note = inputs.read_audio_upload(_wav(tmp_path / "b.wav", tone[:16000], 16000), 16000)
     assert note is None and same.shape == (16000,)
+    long_clip = _wav(tmp_path / "long.wav", np.tile(tone[:16000], 3), 16000)
+    prompt, note = inputs.build_prompt("audio", None, None, str(long_clip), sample_rate=16000, max_samples=18304)
+    assert prompt["noisy"].shape == (18304,) and "first 1.14 s of your 3.0 s" in note
     with pytest.raises(inputs.InputError, match="2 channels.*mono"):
         inputs.read_audio_upload(_wav(tmp_path / "c.wav", np.stack([tone, tone], 1), 44100), 16000)
     (tmp_path / "d.wav").write_bytes(b"RIFF" + bytes(range(200)))

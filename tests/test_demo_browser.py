@@ -55,7 +55,8 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])  # root needs no sandbox
+        args = ["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]  # root needs no sandbox
+        browser = p.chromium.launch(executable_path=chromium(), args=args)
         yield browser
         browser.close()
 
@@ -83,6 +84,13 @@ def tiny_run(modality: str, out: Path) -> Path:
             pytest.skip(f"{modality}: {e}")
         raise
     return out
+
+
+def _long_wav(path: Path) -> Path:
+    import soundfile as sf
+
+    sf.write(str(path), 0.2 * np.sin(np.linspace(0, 6000, 3 * 44100, dtype=np.float32)), 44100)
+    return path
 
 
 def _stereo_wav(path: Path) -> Path:
@@ -129,6 +137,14 @@ def test_compare_in_the_browser(modality, browser, screenshots, tmp_path):
         page.wait_for_function("(t) => document.querySelector('#mm-message').innerText.includes(t)", arg=needle,
                                timeout=60_000)
         assert page.request.get(demo.local_url).status == 200
+        if kind == "audio":  # the user's own recording: another rate and longer than the model takes
+            page.click("#mm-upload button[aria-label='Clear']")
+            page.set_input_files("#mm-upload input[type=file]", str(_long_wav(tmp_path / "long.wav")))
+            page.wait_for_timeout(1000)
+            page.click("#mm-compare")
+            page.wait_for_function("() => /resampled.*were enhanced/.test(document.querySelector('#mm-message')"
+                                   ".innerText)", timeout=60_000)
+            assert "your file long.wav" not in page.inner_text("#mm-message")  # a note, not an error
         outside = tmp_path / "outside.txt"
         outside.write_text("not to be served")
         assert page.request.get(f"{demo.local_url}gradio_api/file={outside}").status == 403
@@ -157,6 +173,10 @@ def check_outputs(page, kind: str, url: str) -> None:
         for side in ("base", "trained"):
             page.wait_for_function(PLAYING_VIDEO, arg=f"#mm-{side} video", **wait)
             page.wait_for_function(LOADED_IMAGES, arg=f"#mm-{side}-sheets img", **wait)
+        page.evaluate("document.querySelector('#mm-base video').play()")  # the players are synced
+        page.wait_for_function("() => !document.querySelector('#mm-trained video').paused", **wait)
+        page.evaluate("document.querySelector('#mm-trained video').pause()")
+        page.wait_for_function("() => document.querySelector('#mm-base video').paused", **wait)
     elif kind == "audio":
         for side in ("noisy", "base", "trained"):
             link = page.locator(f"#mm-{side} a[href$='.wav']").first

@@ -180,7 +180,11 @@ class ComparePage:
 
     def prompt_of(self, picked: Any, text: str | None, upload: str | None) -> tuple[Any, str | None]:
         item = self.run.held_out[int(picked)] if picked is not None and self.run.held_out else None
-        prompt, note = build_prompt(self.kind, item, text, upload, sample_rate=16000)
+        family = getattr(self.run.adapter, "family", None)  # a flow adapter's model family (speech: STFT)
+        settings, frames = getattr(family, "settings", None), getattr(family, "num_frames", None)
+        rate = getattr(settings, "sample_rate", 16000)
+        longest = (frames - 1) * settings.hop if frames and hasattr(settings, "hop") else None  # stft.frames_for
+        prompt, note = build_prompt(self.kind, item, text, upload, sample_rate=rate, max_samples=longest)
         check = getattr(self.run.adapter, "check_prompts", None)
         if check is not None:
             try:

@@ -77,13 +77,26 @@ def read_audio_upload(path: str | Path, target_rate: int) -> tuple[np.ndarray, s
     return np.ascontiguousarray(resample(wave, rate, target_rate), dtype=np.float32), note
 
 
+def crop_audio(wave: np.ndarray, limit: int | None, rate: int) -> tuple[np.ndarray, str | None]:
+    """The first `limit` samples of a clip longer than the model takes (None: no limit), and a note saying so."""
+    if limit is None or wave.size <= limit:
+        return wave, None
+    return wave[:limit], (f"the model takes clips of up to {limit / rate:.2f} s: the first {limit / rate:.2f} s of "
+                          f"your {wave.size / rate:.1f} s were enhanced")
+
+
+def join_notes(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
+
+
 def build_prompt(kind: str, picked: Any, text: str | None, upload: str | None,
-                 sample_rate: int = 16000) -> tuple[Any, str | None]:
+                 sample_rate: int = 16000, max_samples: int | None = None) -> tuple[Any, str | None]:
     """(prompt item, note) for one comparison.
 
     kind: the view (views.VIEW_KINDS). picked: the held-out item chosen (or None). text: typed
     prompt (text, image, video, mdlm) or question (vlm); blank means "use the picked item", but text
-    of spaces only is an empty prompt. upload: a file path (vlm: an image; audio: a WAV).
+    of spaces only is an empty prompt. upload: a file path (vlm: an image; audio: a WAV, cut to
+    max_samples when the model takes no longer clips).
     """
     note = None
     typed = None if text is None or text == "" else text.strip()
@@ -96,7 +109,11 @@ def build_prompt(kind: str, picked: Any, text: str | None, upload: str | None,
             raise InputError("ask a question about your image (e.g. 'Where is the red circle?')")
         return {"prompt": question, "image": image, "image_size": [image.shape[1], image.shape[0]]}, note
     if kind == "audio" and upload:
-        wave, note = read_audio_upload(upload, sample_rate)
+        wave, resampled = read_audio_upload(upload, sample_rate)
+        wave, cropped = crop_audio(wave, max_samples, sample_rate)
+        unscored = "your recording has no clean reference, so rewards that compare with one (PESQ, ESTOI, SI-SDR) " \
+                   "leave it unscored: listen to both"
+        note = join_notes(resampled, cropped, unscored)
         return {"prompt": f"your file {Path(upload).name}", "noisy": wave, "sample_rate": sample_rate}, note
     if picked is None and typed is None:
         raise InputError("the prompt is empty: pick a held-out prompt or type one")
