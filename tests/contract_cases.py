@@ -153,6 +153,7 @@ CASES: dict[str, Callable[[], ContractCase]] = {
     "mdlm-d1": lambda: mdlm_case("d1"),
     "mdlm-bgpo": lambda: mdlm_case("bgpo"),
     "mdlm-elbo": lambda: mdlm_case("elbo"),
+    "mdlm-trajectory": lambda: mdlm_case("trajectory"),
     "toy": toy_case,
     "vlm-qwen2": vlm_case,
 }

@@ -207,3 +207,29 @@ def test_bgpo_ratio_is_the_bound_term_off_policy():
     down = bgpo_log_ratio(elbo, old, torch.tensor([False])).exp()  # exp(D_j)
     assert torch.allclose(up, torch.tensor([[1.5, 1e-6]]))  # 1 + D floored
     assert torch.allclose(down, torch.exp(torch.tensor([[0.5, -1.0]])))
+
+
+def test_trajectory_scores_each_steps_commits_on_the_canvas_the_sampler_saw(tiny_path):
+    adapter = _adapter(tiny_path, estimator="trajectory", temperature=0.8, steps=6, block_length=6)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(4))
+    assert rollout.log_probs.shape == (6, 6) and rollout.mask.all()  # 6 tokens in 6 steps: one per step
+    # by hand for row 0, step 2: the canvas with the tokens of steps 0-1 shown, the token of step 2 scored
+    extras = rollout.extras
+    prompt, target, commit = extras["prompt_ids"][0], extras["completion_ids"][0], extras["commit_step"][0]
+    canvas = torch.cat([prompt, torch.where(commit < 2, target, adapter.mask_id)])[None]
+    with torch.no_grad():
+        logp = (adapter.logits(canvas)[0, len(prompt):] / 0.8).log_softmax(-1)  # [Lc, V]
+    position = int((commit == 2).nonzero())
+    assert rollout.log_probs[0, 2].item() == pytest.approx(logp[position, target[position]].item(), abs=1e-5)
+    merged = _adapter(tiny_path, estimator="trajectory", temperature=0.8, steps=6, block_length=6, shrinkage=4)
+    two = merged.sample(PROMPTS, 2, torch.Generator().manual_seed(4))
+    assert two.log_probs.shape == (6, 2) and two.samples == rollout.samples  # steps 0-3, then 4-5
+    with pytest.raises(ValueError, match="temperature > 0 and threshold unset"):
+        _adapter(tiny_path, estimator="trajectory", temperature=0)
+
+
+def test_evaluation_rollouts_are_not_scored(tiny_path):
+    adapter = _adapter(tiny_path, estimator="elbo", eval_temperature=0.0, eval_steps=6)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(0), evaluate=True)
+    assert torch.equal(rollout.log_probs, torch.zeros_like(rollout.log_probs))
+    assert rollout.extras["commit_step"].max() == 5  # the evaluation's own step count

@@ -19,6 +19,9 @@ position ids needed from the model). What one decision step is depends on `estim
           sampling kept in extras (elbo_old); the token-level loss backpropagates one MC sample per
           step chunk (train.step_chunk=1: memory independent of mc_samples). Reads each row's
           advantage sign (rows without advantages take the A >= 0 form).
+    trajectory  (TraceRL) T = sampler steps / shrinkage: decision j scores the tokens committed in steps
+          [j*shrinkage, (j+1)*shrinkage) given the canvas the sampler saw at step j*shrinkage, at the
+          sampling temperature (so the on-policy ratio is exact); extras temperature [N].
 
 Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
 sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
@@ -45,6 +48,8 @@ from mmgrpo.pipelines.mdlm.estimators import (
     elbo_canvas,
     elbo_terms,
     token_log_probs,
+    trajectory_canvas,
+    trajectory_terms,
 )
 from mmgrpo.pipelines.mdlm.sampler import REMASKING, block_schedule, denoise
 from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, not_loadable, options_from, parse_dtype, prompt_text
@@ -52,7 +57,7 @@ from mmgrpo.rollout import Rollout
 
 __all__ = ["ESTIMATORS", "LORA_TARGETS", "MaskedDiffusionAdapter", "MDLMOptions"]
 
-ESTIMATORS = ("d1", "elbo", "bgpo")
+ESTIMATORS = ("d1", "elbo", "bgpo", "trajectory")
 # LoRA targets: attention projections of BERT-style encoders and of LLaDA / Dream (whichever exist)
 LORA_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
@@ -78,9 +83,10 @@ class MDLMOptions:
     threshold: float | None = None  # confidence-threshold sampling: commit every token that passes it
     eval_steps: int | None = None
     eval_temperature: float | None = None
-    estimator: Literal["d1", "elbo", "bgpo"] = "d1"
+    estimator: Literal["d1", "elbo", "bgpo", "trajectory"] = "d1"
     prompt_mask_prob: float = 0.15  # d1: share of prompt tokens masked when scoring
     mc_samples: int = 4  # elbo / bgpo: Monte Carlo samples per row (= T)
+    shrinkage: int = 1  # trajectory: consecutive sampler steps merged into one decision
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -99,8 +105,11 @@ class MDLMOptions:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if not 0 <= self.prompt_mask_prob < 1:
             raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}")
-        if self.mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}")
+        if self.mc_samples < 1 or self.shrinkage < 1:
+            raise ValueError(f"mc_samples and shrinkage must be >= 1, got {self.mc_samples}, {self.shrinkage}")
+        if self.estimator == "trajectory" and (self.threshold is not None or self.temperature == 0):
+            raise ValueError("estimator 'trajectory' scores each sampler step at the sampling temperature: it needs "
+                             "temperature > 0 and threshold unset (a fixed number of steps)")
         block_schedule(self.gen_length, self.block_length or self.gen_length, self.steps)  # a bad split fails here
         if self.eval_steps is not None:
             block_schedule(self.gen_length, self.block_length or self.gen_length, self.eval_steps)
@@ -198,6 +207,10 @@ class MaskedDiffusionAdapter(TunedAdapter):
         if o.estimator == "d1":
             mask = completion_mask(completion, self.eos_id)  # [N, Lc]
             extras["d1_prompt_mask"] = self._prompt_masks(extras["prompt_ids"], generator)
+        elif o.estimator == "trajectory":
+            decisions = -(-steps // o.shrinkage)  # ceil: the last decision may merge fewer steps
+            mask = (commit_step[:, None, :] // o.shrinkage == torch.arange(decisions)[None, :, None]).any(-1)  # [N, T]
+            extras["temperature"] = torch.full((len(rows),), float(temperature))  # [N]
         else:
             mask = torch.ones(len(rows), o.mc_samples, dtype=torch.bool)  # [N, K]
             extras["elbo_masks"] = draw_elbo_masks(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
@@ -211,6 +224,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
             mask=mask,
             extras=extras,
         )
+        if evaluate:  # evaluation reads samples only: no scoring
+            return rollout
         if o.estimator == "bgpo":  # the bound's old log-probs are 0; the sampling policy's ELBO terms kept
             rollout.extras["elbo_old"] = self._elbo(rollout).float().cpu()  # [N, K]
         rollout.log_probs = self.log_prob(rollout).float().cpu()  # [N, T]
@@ -234,6 +249,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
         steps = list(range(rollout.num_steps)) if steps is None else [int(s) for s in steps]
         if self.options.estimator == "d1":
             return self._d1(rollout, steps)
+        if self.options.estimator == "trajectory":
+            return self._trajectory(rollout, steps)
         elbo = self._elbo(rollout, steps)  # [n, S]
         if self.options.estimator == "elbo":
             return elbo
@@ -266,6 +283,22 @@ class MaskedDiffusionAdapter(TunedAdapter):
             logits = self.logits(elbo_canvas(prompt, target, masks, self.mask_id))[:, length:]  # [m*S, Lc, V]
             logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
             parts.append((members, elbo_terms(logp.view(len(members), len(steps), Lc), masks)))  # [m, S]
+        return self._rows_in_order(parts, len(rollout), len(steps))
+
+    def _trajectory(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
+        """TraceRL: log-probs of the tokens committed in each decision's steps, given that decision's canvas."""
+        extras, width = rollout.extras, self.options.shrinkage
+        starts = [j * width for j in steps]
+        parts = []
+        for length, members in _by_length(extras["prompt_ids"]).items():
+            prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
+            target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
+            commit = extras["commit_step"][members]  # [m, Lc]
+            canvas = trajectory_canvas(prompt, target, commit, starts, self.mask_id)  # [m*S, P + Lc]
+            temperature = extras["temperature"][members].to(self.device).repeat_interleave(len(steps))  # [m*S]
+            logits = self.logits(canvas)[:, length:] / temperature[:, None, None]  # [m*S, Lc, V]
+            logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
+            parts.append((members, trajectory_terms(logp.view(len(members), len(steps), -1), commit, starts, width)))
         return self._rows_in_order(parts, len(rollout), len(steps))
 
     def _rows_in_order(self, parts: list[tuple[list[int], torch.Tensor]], n: int, width: int) -> torch.Tensor:

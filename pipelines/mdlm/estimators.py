@@ -85,3 +85,21 @@ def bgpo_log_ratio(elbo: torch.Tensor, elbo_old: torch.Tensor, positive: torch.T
     d = elbo - elbo_old.to(elbo.device)  # [n, S]
     linear = torch.log((1 + d).clamp_min(1e-6))
     return torch.where(positive.to(elbo.device)[:, None], linear, d)
+
+
+def trajectory_canvas(prompt: torch.Tensor, completion: torch.Tensor, commit_step: torch.Tensor, starts: list[int],
+                      mask_id: int) -> torch.Tensor:
+    """The canvases the sampler saw at steps `starts` (TraceRL): tokens committed before each start, the rest
+    masked ([n, P], [n, Lc], [n, Lc] -> [n * S, P + Lc], rows step-minor)."""
+    start = torch.tensor(starts, device=completion.device)[None, :, None]  # [1, S, 1]
+    shown = commit_step.to(completion.device)[:, None, :] < start  # [n, S, Lc]
+    partial = torch.where(shown, completion[:, None, :], mask_id)  # [n, S, Lc]
+    return torch.cat([prompt[:, None, :].expand(-1, len(starts), -1), partial], dim=2).flatten(0, 1)
+
+
+def trajectory_terms(token_logp: torch.Tensor, commit_step: torch.Tensor, starts: list[int], width: int) -> torch.Tensor:
+    """Sum of the log-probs of the tokens committed in steps [start, start + width) ([n, S, Lc] -> [n, S])."""
+    start = torch.tensor(starts, device=token_logp.device)[None, :, None]  # [1, S, 1]
+    step = commit_step.to(token_logp.device)[:, None, :]  # [n, 1, Lc]
+    scored = (step >= start) & (step < start + width)  # [n, S, Lc]
+    return (token_logp * scored).sum(-1)
