@@ -236,7 +236,7 @@ class ComparePage:
         return f'<div id="mm-{side}-text">{"".join(parts)}</div>'
 
 
-def _gallery(gr: Any, label: str, elem_id: str, columns: int = 1, height: int | None = None) -> Any:
+def _gallery(gr: Any, label: str, elem_id: str, columns: int = 1, height: int = 260) -> Any:
     """A gallery that shows whole pictures (contact sheets and spectrograms are wide: never cropped)."""
     return gr.Gallery(label=label, columns=columns, height=height, object_fit="contain", elem_id=elem_id)
 

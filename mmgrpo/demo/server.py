@@ -8,7 +8,9 @@ directory and its own temporary folder only.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -50,6 +52,7 @@ def prepare_environment() -> Path:
     Call before gradio is imported: it reads these settings at import."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     workdir = Path(tempfile.mkdtemp(prefix="mmgrpo-demo-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the page's media go with the process
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
     return workdir
 
@@ -72,6 +75,10 @@ def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = None
     demo = build_app(run, workdir / "media")
     demo.queue(default_concurrency_limit=1)  # one comparison at a time: the policies are shared
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(run.path.resolve()),
-                str(workdir)], max_file_size="50mb", js=SYNC_VIDEOS_JS, prevent_thread_lock=not block,
-                quiet=not block, show_error=True)
+                str(workdir)], max_file_size="50mb", js=SYNC_VIDEOS_JS, prevent_thread_lock=True, quiet=True,
+                show_error=True)
+    if block:
+        print(f"mmgrpo demo of {run.path} (checkpoint {run.checkpoint.name}) on {demo.local_url}"
+              f"{f' and {demo.share_url}' if demo.share_url else ''}; Ctrl+C stops it", flush=True)
+        demo.block_thread()  # until Ctrl+C; Gradio then closes the server
     return demo
