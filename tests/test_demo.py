@@ -176,6 +176,18 @@ def test_page_handler_shows_bad_input_as_a_message(toy_run, tmp_path):
     assert "mm-scores" in updates[page.scores] and "seed 3, 2 sample(s)" in updates[page.timing]
 
 
+def test_masked_diffusion_samples_are_shown_coloured_in_the_page(toy_run, tmp_path):
+    from mmgrpo.demo.app import ComparePage
+
+    page = ComparePage(load_run(toy_run), "mdlm", tmp_path)
+    sample = {"text": "4+1=5", "tokens": ["4", "+", "1", "=", "5"], "steps": [0, 0, 1, 2, 3]}  # the mdlm adapter's
+    out = page.text_view([sample, {**sample, "steps": [3, 3, 3, 3, 3]}], "trained")
+    assert out.startswith('<div id="mm-trained-text">') and out.count('class="mm-token"') == 10
+    assert "<b>trained 1</b>" in out and "<b>trained 2</b>" in out
+    plain = ComparePage(load_run(toy_run), "text", tmp_path).text_view(["ab<c"], "base")
+    assert "ab&lt;c" in plain and "mm-token" not in plain
+
+
 def _wav(path, wave, rate):
     import soundfile as sf
 
