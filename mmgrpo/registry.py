@@ -38,6 +38,7 @@ REWARDS: dict[str, str] = {
     "reasoning_accuracy": "mmgrpo.rewards.reasoning:reasoning_accuracy",
     "reasoning_format": "mmgrpo.rewards.reasoning:reasoning_format",
     "sudoku_cells": "mmgrpo.rewards.reasoning:sudoku_cells",
+    "tokens_per_forward": "mmgrpo.rewards.reasoning:tokens_per_forward",
 }
 
 DATASETS: dict[str, str] = {

@@ -55,3 +55,17 @@ def sudoku_cells(samples: Sequence[Any], prompts: Sequence[Any], task: Sequence[
     answers = list(answer) if answer is not None else [None] * len(samples)
     return [float(sudoku_cells_right(completion_text(s).strip(), a)) if t == "sudoku" and a is not None else None
             for s, t, a in zip(samples, tasks, answers)]  # fmt: skip
+
+
+def tokens_per_forward(samples: Sequence[Any], prompts: Sequence[Any], **_: Any) -> list[float | None]:
+    """Decoding speed of a masked-diffusion sample: completion tokens per model forward (LightningRL's speed
+    reward), read from the sample's "tokens_per_forward"; None for samples that do not carry it.
+
+    With `advantage.combine: normalize_then_sum` it is normalised per group apart from accuracy (GDPO's
+    decoupled normalisation, as LightningRL combines z(accuracy) + z(tokens per forward)).
+
+    >>> tokens_per_forward([{"text": "12", "tokens_per_forward": 4.0}, "12"], [None] * 2)
+    [4.0, None]
+    """
+    return [float(s["tokens_per_forward"]) if isinstance(s, dict) and "tokens_per_forward" in s else None
+            for s in samples]  # fmt: skip

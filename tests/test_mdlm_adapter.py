@@ -107,6 +107,7 @@ def test_samples_carry_text_tokens_and_unmasking_order(tiny_path):
         end = tokens.index("[EOS]") if "[EOS]" in tokens else len(tokens)
         assert sample["text"] == "".join(tokens[:end])
         assert sample["tokens"] == tokens[: end + 1] and sample["steps"] == row[: end + 1].tolist()
+        assert sample["tokens_per_forward"] == 6 / 4  # 6 canvas tokens in 4 forwards
     again = adapter.sample(PROMPTS[:1], 3, torch.Generator().manual_seed(1))
     assert again.samples == rollout.samples and torch.equal(again.log_probs, rollout.log_probs)
 

@@ -166,6 +166,12 @@ def test_confidence_threshold_unmasks_several_tokens_per_forward():
         strict = denoise(model, canvas, 8, MASK, g, block_length=4, threshold=1.1)  # nothing passes: one a step
     assert eager.forwards == 2 and not (eager.canvas == MASK).any()
     assert strict.forwards == 8 and not (strict.canvas == MASK).any()
+    assert eager.row_forwards.tolist() == [2] * 4 and strict.row_forwards.tolist() == [8] * 4
+    half = torch.cat([torch.full((1, 8), MASK), torch.cat([torch.zeros(1, 4, dtype=torch.long),
+                                                           torch.full((1, 4), MASK)], 1)])  # row 1: block 0 given
+    with torch.no_grad():
+        done = denoise(model, half, 8, MASK, g, block_length=4, threshold=1.1)
+    assert done.forwards == 8 and done.row_forwards.tolist() == [8, 4]  # a row's own cost
 
 
 def test_greedy_sampling_ignores_the_generator():

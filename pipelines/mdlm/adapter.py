@@ -25,8 +25,9 @@ position ids needed from the model). What one decision step is depends on `estim
 
 Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
 sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
-[N, K, Lc] bool. Samples are dicts {"text", "tokens", "steps"}: the text up to the first EOS, and each
-completion token (EOS included, padding after it left out) with its commit step; galleries write them
+[N, K, Lc] bool. Samples are dicts {"text", "tokens", "steps", "tokens_per_forward"}: the text up to the first
+EOS, each completion token (EOS included, padding after it left out) with its commit step, and gen_length over
+the forwards the row needed (the `tokens_per_forward` reward); galleries write them
 inline (samples/<tag>.jsonl), and the demo colours each token by its step.
 """
 
@@ -194,6 +195,7 @@ class MaskedDiffusionAdapter(TunedAdapter):
         rows = [b for b in range(len(prompts)) for _ in range(G)]
         completion = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
         commit_step = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
+        forwards = torch.empty(len(rows), dtype=torch.long)  # [N]
         for length, members in _by_length([encoded[b] for b in rows]).items():
             prompt = torch.stack([encoded[rows[r]] for r in members])  # [m, P]
             canvas = torch.cat([prompt, torch.full((len(members), Lc), self.mask_id)], dim=1)  # [m, P + Lc]
@@ -202,6 +204,7 @@ class MaskedDiffusionAdapter(TunedAdapter):
                            remasking=o.remasking, threshold=o.threshold)  # fmt: skip
             completion[members] = done.canvas[:, length:].cpu()
             commit_step[members] = done.commit_step.cpu()
+            forwards[members] = done.row_forwards.cpu()
         extras: dict[str, Any] = {"prompt_ids": [encoded[b] for b in rows], "completion_ids": completion,
                                   "commit_step": commit_step}  # fmt: skip
         if o.estimator == "d1":
@@ -219,7 +222,7 @@ class MaskedDiffusionAdapter(TunedAdapter):
         rollout = Rollout(
             group_id=torch.arange(len(prompts)).repeat_interleave(G),  # [N]
             prompts=[prompts[b] for b in rows],
-            samples=[self._sample_record(completion[r], commit_step[r]) for r in range(len(rows))],
+            samples=[self._sample_record(completion[r], commit_step[r], int(forwards[r])) for r in range(len(rows))],
             log_probs=torch.zeros(mask.shape),  # [N, T] filled below
             mask=mask,
             extras=extras,
@@ -235,13 +238,15 @@ class MaskedDiffusionAdapter(TunedAdapter):
         """d1: one fresh prompt mask per row, drawn in row order."""
         return [draw_prompt_mask(len(p), 1, self.options.prompt_mask_prob, generator)[0] for p in prompt_ids]
 
-    def _sample_record(self, completion: torch.Tensor, commit_step: torch.Tensor) -> dict[str, Any]:
-        """{"text": up to the first EOS, "tokens"/"steps": each token up to and including it, with its step}."""
+    def _sample_record(self, completion: torch.Tensor, commit_step: torch.Tensor, forwards: int) -> dict[str, Any]:
+        """{"text": up to the first EOS, "tokens"/"steps": each token up to and including it, with its step,
+        "tokens_per_forward": gen_length / the forwards this row needed}."""
         ids = completion.tolist()
         end = ids.index(self.eos_id) if self.eos_id in ids else len(ids)
         kept = ids[: end + 1]
         return {"text": self.tokenizer.decode(ids[:end], skip_special_tokens=True),
-                "tokens": self.tokenizer.convert_ids_to_tokens(kept), "steps": commit_step[: len(kept)].tolist()}
+                "tokens": self.tokenizer.convert_ids_to_tokens(kept), "steps": commit_step[: len(kept)].tolist(),
+                "tokens_per_forward": len(ids) / max(forwards, 1)}
 
     # ------------------------------------------------------------------ protocol: log_prob
     def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ drops steps silently). Remasking rules: "low_confidence" (the probability of the
 the released code), "margin" (top-1 minus top-2 probability), "entropy" (minus the entropy), "random".
 `threshold` switches to the confidence-threshold variant: every masked position of the block whose
 confidence passes it is committed at once (at least one per step), so a forward can unmask many tokens.
-The step at which each completion token was committed is recorded (`Denoised.commit_step`).
+The step at which each completion token was committed is recorded (`Denoised.commit_step`), and the forwards
+each row needed (`row_forwards`: its tokens per forward is gen_length / row_forwards, LightningRL's speed).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Denoised:
     canvas: torch.Tensor  # [n, P + Lc] long: prompt and committed completion
     commit_step: torch.Tensor  # [n, Lc] long: step at which each completion token was committed
     forwards: int  # model forwards taken
+    row_forwards: torch.Tensor  # [n] long: forwards in which each row still had masked tokens (its own cost)
 
 
 def denoise(
@@ -114,6 +116,7 @@ def denoise(
     block_length = block_length or gen_length
     schedule = block_schedule(Lc, block_length, steps or Lc)
     commit_step = torch.full((n, Lc), -1, dtype=torch.long, device=canvas.device)  # [n, Lc]
+    row_forwards = torch.zeros(n, dtype=torch.long, device=canvas.device)  # [n]
     step = 0
     for b, counts in enumerate(schedule):
         lo, hi = b * block_length, (b + 1) * block_length  # completion columns of the block
@@ -128,6 +131,7 @@ def denoise(
             if count == 0:
                 continue
             logits = forward(canvas)[:, P:]  # [n, Lc, V]
+            row_forwards += masked.any(-1).long()
             x0 = gumbel_argmax(logits, temperature, generator)  # [n, Lc]
             score = confidence(logits, x0, remasking, generator)  # [n, Lc]
             score = torch.where(masked, score, -torch.inf)
@@ -139,7 +143,7 @@ def denoise(
             canvas[:, P:] = torch.where(chosen, x0, canvas[:, P:])
             commit_step = torch.where(chosen, step, commit_step)
             step += 1
-    return Denoised(canvas, commit_step, step)
+    return Denoised(canvas, commit_step, step, row_forwards)
 
 
 def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
