@@ -147,7 +147,8 @@ def test_compare_in_the_browser(modality, browser, screenshots, tmp_path):
             assert "your file long.wav" not in page.inner_text("#mm-message")  # a note, not an error
         outside = tmp_path / "outside.txt"
         outside.write_text("not to be served")
-        assert page.request.get(f"{demo.local_url}gradio_api/file={outside}").status == 403
+        for path in (outside, Path(__file__).resolve()):  # a temporary file elsewhere, the working tree
+            assert page.request.get(f"{demo.local_url}gradio_api/file={path}").status == 403
         page.close()
     finally:
         demo.close()
