@@ -126,8 +126,8 @@ class ComparePage:
         elif kind == "image":
             out["slider"] = gr.ImageSlider(label="base | trained (drag the handle)", type="pil", elem_id="mm-slider")
             with gr.Row():
-                out["base"] = _gallery(gr, "base", "mm-base", columns=4, height=300)
-                out["trained"] = _gallery(gr, "trained", "mm-trained", columns=4, height=300)
+                out["base"] = _gallery(gr, "base", "mm-base", columns=4, height=190)
+                out["trained"] = _gallery(gr, "trained", "mm-trained", columns=4, height=190)
         elif kind == "video":
             with gr.Row():
                 out["base"] = gr.Video(label="base", elem_id="mm-base", elem_classes=["mm-sync"], loop=True)
@@ -236,7 +236,7 @@ class ComparePage:
         return f'<div id="mm-{side}-text">{"".join(parts)}</div>'
 
 
-def _gallery(gr: Any, label: str, elem_id: str, columns: int = 1, height: int = 260) -> Any:
+def _gallery(gr: Any, label: str, elem_id: str, columns: int = 1, height: int | str = 260) -> Any:
     """A gallery that shows whole pictures (contact sheets and spectrograms are wide: never cropped)."""
     return gr.Gallery(label=label, columns=columns, height=height, object_fit="contain", elem_id=elem_id)
 
