@@ -28,14 +28,15 @@ SYNC_VIDEOS_JS = """
 () => {
   const sync = (event) => {
     const source = event.target;
-    if (!(source instanceof HTMLVideoElement) || !source.closest('.mm-sync') || source.dataset.mmFollowing) return;
+    if (!(source instanceof HTMLVideoElement) || !source.closest('.mm-sync')) return;
     for (const other of document.querySelectorAll('.mm-sync video')) {
       if (other === source) continue;
-      other.dataset.mmFollowing = '1';
-      if (Math.abs(other.currentTime - source.currentTime) > 0.05) other.currentTime = source.currentTime;
-      if (event.type === 'play') other.play().catch(() => {});
-      if (event.type === 'pause') other.pause();
-      setTimeout(() => delete other.dataset.mmFollowing, 50);
+      // only where the states differ: the follower's own events then change nothing (no echo loop)
+      if (event.type === 'play' && other.paused) other.play().catch(() => {});
+      if (event.type === 'pause' && !other.paused) other.pause();
+      if (event.type === 'seeked' && Math.abs(other.currentTime - source.currentTime) > 0.1) {
+        other.currentTime = source.currentTime;
+      }
     }
   };
   for (const kind of ['play', 'pause', 'seeked']) document.addEventListener(kind, sync, true);
