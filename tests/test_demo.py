@@ -269,6 +269,11 @@ def test_boxes_are_drawn_where_the_answer_puts_them():
     factor = picture.shape[0] // 56
     assert tuple(picture[10 * factor, 15 * factor]) == views.SIDE_COLOURS["trained"]  # on the top edge
     assert tuple(picture[20 * factor, 15 * factor]) == (0, 0, 0)  # inside: untouched
+    same = [[10, 10, 20, 30]]
+    picture = np.asarray(views.draw_boxes(image, {"base": same, "trained": same, "truth": same}))
+    width = max(2, round(factor / 3))
+    edge = [tuple(picture[10 * factor + d, 15 * factor]) for d in (0, width, 2 * width)]
+    assert edge == [views.SIDE_COLOURS[k] for k in ("trained", "truth", "base")]  # all three visible
 
 
 def test_view_kinds():

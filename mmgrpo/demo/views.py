@@ -176,7 +176,7 @@ def enlarged(image: Any, side: int = DISPLAY_SIDE) -> Any:
 
 def draw_boxes(image: Any, boxes: dict[str, Sequence[Sequence[float]]], side: int = DISPLAY_SIDE) -> Any:
     """The image enlarged with each group of boxes [x1, y1, x2, y2] (image pixels) outlined in its
-    SIDE_COLOURS colour ("base", "trained", "truth")."""
+    SIDE_COLOURS colour ("base", "trained", "truth"; other keys are not drawn)."""
     from PIL import ImageDraw
 
     array = to_uint8(image)
@@ -184,12 +184,14 @@ def draw_boxes(image: Any, boxes: dict[str, Sequence[Sequence[float]]], side: in
     factor = picture.width / array.shape[1]
     draw = ImageDraw.Draw(picture)
     width = max(2, round(factor / 3))
-    for group, group_boxes in boxes.items():
-        for x1, y1, x2, y2 in group_boxes:
+    # thickest first: where boxes coincide (a right answer) every colour still shows as a band
+    for group, thickness in (("base", 3), ("truth", 2), ("trained", 1)):
+        group_width = thickness * width
+        for x1, y1, x2, y2 in boxes.get(group, ()):
             if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
                 continue
             corners = [min(x1, x2) * factor, min(y1, y2) * factor, max(x1, x2) * factor - 1, max(y1, y2) * factor - 1]
-            draw.rectangle(corners, outline=SIDE_COLOURS[group], width=width)
+            draw.rectangle(corners, outline=SIDE_COLOURS[group], width=group_width)
     return picture
 
 
