@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmgrpo.cli import main
-from mmgrpo.config import ConfigError
+from mmgrpo.config import ConfigError, load_config
 from mmgrpo.demo import inputs, runs_tab, views
 from mmgrpo.demo.policies import compare, load_run
 from mmgrpo.demo.server import check_share
@@ -106,6 +106,16 @@ def test_both_sides_sample_with_the_same_seed_as_the_adapter_would(toy_run):
         assert side.scores["sequence_match"] == pytest.approx(expected)
         assert side.total == pytest.approx(expected)  # exact_match has weight 0 in the toy config
         assert side.score_error is None and side.seconds > 0
+
+
+def test_a_bf16_run_is_sampled_in_bf16_as_its_evaluation_was(toy_run):
+    from mmgrpo.demo.policies import sampling_precision
+
+    cfg = load_config(toy_run / "config.yaml")
+    assert not isinstance(sampling_precision(cfg, torch.device("cpu")), torch.autocast)
+    cfg.train.mixed_precision = "bf16"
+    precision = sampling_precision(cfg, torch.device("cpu"))
+    assert isinstance(precision, torch.autocast) and precision.fast_dtype == torch.bfloat16
 
 
 def test_a_prompt_the_rewards_cannot_score_is_a_message_not_a_crash(toy_run):

@@ -186,12 +186,21 @@ def sample_side(run: RunPolicies, prompts: Sequence[Any], seed: int, base: bool)
 
     t0 = time.perf_counter()
     generator = torch.Generator(device=run.device).manual_seed(seed)
-    with run.adapter.reference() if base else nullcontext():
+    with run.adapter.reference() if base else nullcontext(), sampling_precision(run.cfg, run.device):
         rollout = run.adapter.sample(list(prompts), 1, generator, evaluate=True)
     side = Side(samples=list(rollout.samples), prompts=list(rollout.prompts))
     score_side(run, side)
     side.seconds = time.perf_counter() - t0
     return side
+
+
+def sampling_precision(cfg: Config, device: torch.device) -> Any:
+    """The run's mixed precision, as its evaluation sampled (distributed.Collective.autocast)."""
+    from contextlib import nullcontext
+
+    if cfg.train.mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def score_side(run: RunPolicies, side: Side) -> None:
