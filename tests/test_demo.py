@@ -154,7 +154,9 @@ def test_bad_run_directories_stop_in_one_line_before_any_server(tmp_path, toy_ru
 
 def test_a_modality_whose_extra_is_missing_stops_in_one_line(tmp_path, toy_run, capsys):
     adapter_file = tmp_path / "needs_extra.py"
-    adapter_file.write_text("class Needy:\n    def __init__(self, **kwargs):\n        import mmgrpo_not_installed_xyz\n")
+    adapter_file.write_text(  # an adapter that imports its extra's package when built, as the shipped ones do
+        "class Needy:\n    def __init__(self, **kwargs):\n        import mmgrpo_not_installed_xyz\n"
+    )
     run = tmp_path / "needy"
     shutil.copytree(toy_run, run)
     config = (run / "config.yaml").read_text().replace("name: toy\n", f"name: {adapter_file}:Needy\n", 1)
