@@ -11,7 +11,10 @@ with a long answer canvas, at 1, 2, 4, 8 and 16 Monte Carlo samples per row, for
   samples, so every sample's activations sit in one graph.
 Each measurement runs in a fresh process. Peak memory: on CUDA torch.cuda.max_memory_allocated over the step;
 on CPU the growth of the process' peak resident set (ru_maxrss) during the step over its resident set
-before it (the rollout is prepared one MC sample at a time, so its own peak stays below the step's).
+before it (the rollout is prepared one MC sample at a time, so its own peak stays below the step's). The
+children run with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors go back to the system at once and the
+resident set follows the live tensors (with glibc's default, memory freed between backward passes stays
+mapped and fragments, and the peak creeps up with the number of passes).
 Target: BGPO's peak at 16 samples <= 1.1x its peak at 1 sample.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         for estimator in table:
             command = [sys.executable, "-m", "mmgrpo.bench.mdlm_memory", "--one", estimator, str(samples),
                        "--device", args.device] + (["--quick"] if args.quick else [])  # fmt: skip
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
             table[estimator][samples] = json.loads(out.strip().splitlines()[-1])["mb"]
             print(f"  {estimator} at {samples} samples: {table[estimator][samples]:.1f} MB", file=sys.stderr)
     print(f"peak memory of one training step (MB; {args.device}; canvas {size['gen_length']} tokens, "
