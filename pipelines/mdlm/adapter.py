@@ -1,4 +1,4 @@
-"""MaskedDiffusionAdapter: GRPO over masked-diffusion LMs (LLaDA-style), d1 and ELBO log-prob estimators.
+"""MaskedDiffusionAdapter: GRPO over masked-diffusion LMs (LLaDA-style): d1, elbo, bgpo and trajectory estimators.
 
 The model is any bidirectional module mapping input_ids [n, L] to logits [n, L, V] (`.logits` or the
 first output), plus a mask token id: a transformers masked LM from a folder (the embedded default is a

@@ -9,6 +9,10 @@ ratio it can clip. Each estimator fixes what one decision step (a column of Roll
   (L / k_j) * sum over the masked tokens of log p(token | the rest). The mean over j is an unbiased estimate
   of the ELBO E_k[(L/k) sum_masked log p], a lower bound of the sequence's log-likelihood (it equals the
   average over unmasking orders of the any-order autoregressive log-likelihood; Jensen gives the bound).
+- bgpo: the ELBO terms turned into per-sample log-ratios whose token-level surrogate is BGPO's bound
+  (`bgpo_log_ratio`), so each MC sample is backpropagated alone.
+- trajectory (TraceRL): the log-probs of the tokens each sampler step committed, on that step's canvas.
+Also the masked-diffusion training loss of the pretraining (`masked_diffusion_loss`).
 """
 
 from __future__ import annotations
