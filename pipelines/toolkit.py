@@ -214,9 +214,14 @@ class Finetuning:
 
 
 class TunedAdapter:
-    """Adapter protocol methods over `self.tuning` (a Finetuning): weights, reference, device."""
+    """Adapter protocol methods over `self.tuning` (a Finetuning): the model, weights, reference, device."""
 
     tuning: Finetuning
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained module (LoRA layers injected in place)."""
+        return self.tuning.model
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.tuning.trainable_parameters()

@@ -140,10 +140,6 @@ class MaskedDiffusionAdapter(TunedAdapter):
         )  # fmt: skip
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.tuning.model
-
-    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

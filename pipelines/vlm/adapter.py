@@ -190,11 +190,6 @@ class VLMAdapter(TunedAdapter):
 
     # ------------------------------------------------------------------ state
     @property
-    def model(self) -> torch.nn.Module:
-        """The trained model (LoRA layers injected in place)."""
-        return self.tuning.model
-
-    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
