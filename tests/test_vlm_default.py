@@ -38,13 +38,7 @@ FAST = [  # a couple of steps on a handful of prompts
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matrices, one thread is fastest
 
 
 def test_vlm_prompt_sets_are_disjoint_and_carry_what_the_rewards_need():
