@@ -50,6 +50,10 @@ class Adapter(Protocol):
     - `sampler_state() -> Any` and `load_sampler_state(state) -> None`: sampler state beyond the
       trainer's RNG (for example a rotating SDE window), JSON data; saved in every checkpoint
       (adapter.json) and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
+    - `begin_step(step, seed) -> None`: called on every process before the rollouts of training step
+      `step` (0-based; every dynamic-sampling round of that step follows the same call), with the run's
+      seed. Sampler choices that must agree across processes (the flow SDE window) derive from these two
+      numbers, never from the per-process generator or a count of sample() calls.
     - `check_prompts(prompts) -> None`: raise one readable ValueError / ConfigError (naming the
       prompt index, the field and the file) for a prompt the adapter cannot take: media that is
       missing or does not decode, a prompt without text. Called on the training and held-out

@@ -96,6 +96,8 @@ def run_job(job: Job, progress: bool) -> RunResult:
     bar = _progress(cfg.train.max_steps, state.step, progress and comm.is_main)
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
+        if hasattr(adapter, "begin_step"):  # sampler choices every process must share (the flow SDE window)
+            adapter.begin_step(state.step, cfg.train.seed)
         rollout, stats = collect_rollout(adapter, reward_fns, weights, job.train_prompts, state.order,
                                         state.generator, cfg, comm)
         t_train = time.perf_counter()
