@@ -1,0 +1,168 @@
+"""mmgrpo.memory: the estimate against the bytes of real tensors after a real AdamW step, the sharding
+closed forms, and the activation formula against hand-computed values."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmgrpo.memory import (
+    ActivationShape,
+    activation_bytes,
+    estimate_for_run,
+    estimate_memory,
+    format_estimate,
+    inventory,
+    lora_parameter_count,
+    sharding_mode,
+)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.to_q, self.to_v = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, hidden)
+        self.mlp = torch.nn.Linear(hidden, 3 * hidden)
+        self.out = torch.nn.Linear(3 * hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return x + self.to_q(y) * self.to_v(y) + self.out(torch.relu(self.mlp(y)))  # [n, h]
+
+
+def small_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Block(16), Block(16), torch.nn.Linear(16, 4)).to(dtype)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def one_adamw_step(tuning) -> tuple[int, int]:
+    """(gradient bytes, optimizer state bytes) held after one real AdamW step on the trainable weights."""
+    params = list(tuning.trainable_parameters().values())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    x = torch.randn(5, 16)
+    tuning.model(x.to(next(tuning.model.parameters()).dtype)).float().square().mean().backward()
+    optimizer.step()
+    grads = tensor_bytes(p.grad for p in params if p.grad is not None)
+    state = tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return grads, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_finetuning_bytes_equal_the_real_tensors(dtype):
+    from mmgrpo.pipelines.toolkit import Finetuning
+
+    tuning = Finetuning(small_model(dtype), "full")
+    grads, state = one_adamw_step(tuning)
+    est = estimate_memory(inventory(tuning.model, tuning._reference_copy), "single")
+    weights = tensor_bytes(tuning.model.parameters()) + tensor_bytes(tuning._reference_copy.parameters())
+    assert (est.parameters, est.gradients, est.optimizer) == (weights, grads, state)
+    assert est.activations is None
+
+
+def test_lora_bytes_equal_the_real_tensors():
+    pytest.importorskip("peft")
+    from mmgrpo.pipelines.toolkit import Finetuning
+
+    base = small_model(torch.bfloat16)
+    expected_lora = lora_parameter_count(copy.deepcopy(base), ["to_q", "to_v"], rank=4)
+    tuning = Finetuning(base, "lora", lora_rank=4, lora_target_modules=["to_q", "to_v"])
+    grads, state = one_adamw_step(tuning)
+    inv = inventory(tuning.model, tuning._reference_copy)
+    est = estimate_memory(inv, "single")
+    trainable = list(tuning.trainable_parameters().values())
+    assert all(p.dtype == torch.float32 for p in trainable)  # LoRA trains in fp32 on a bf16 base
+    assert (inv.trainable_count, inv.trainable_tensors) == expected_lora == (4 * 2 * 16 * 2 * 2, 8)
+    assert est.parameters == tensor_bytes(tuning.model.parameters())  # the reference is the disabled adapter
+    assert (est.gradients, est.optimizer) == (grads, state) == (tensor_bytes(trainable), 2 * grads + 4 * 8)
+
+
+def test_lora_count_on_a_model_without_peft_matches_the_injected_layers():
+    pytest.importorskip("peft")
+    from mmgrpo.pipelines.toolkit import Finetuning
+
+    count, tensors = lora_parameter_count(small_model(), ["to_q", "to_v"], rank=4)
+    with torch.device("meta"):
+        meta = small_model()
+    inv = inventory(meta.requires_grad_(False), extra_trainable=count, extra_trainable_tensors=tensors)
+    real = inventory(Finetuning(small_model(), "lora", lora_rank=4, lora_target_modules=["to_q", "to_v"]).model)
+    assert inv == real
+
+
+def test_sharded_modes_divide_what_they_shard():
+    inv = inventory(torch.nn.Linear(64, 64), reference=torch.nn.Linear(64, 64), frozen=[torch.nn.Linear(8, 8)])
+    W = 4
+    ddp, fsdp2, zero2 = (estimate_memory(inv, mode, W) for mode in ("ddp", "fsdp2", "zero2"))
+    replicated, steps = inv.replicated_bytes, 4 * inv.trainable_tensors
+    assert replicated == (64 + 8) * 4 and inv.trained_bytes == inv.reference_bytes == (64 * 64 + 64) * 4
+    assert fsdp2.parameters - replicated == (ddp.parameters - replicated) / W
+    assert fsdp2.gradients == ddp.gradients / W
+    assert fsdp2.optimizer - steps == (ddp.optimizer - steps) / W
+    assert zero2.parameters == ddp.parameters and zero2.gradients == fsdp2.gradients
+    assert zero2.optimizer == fsdp2.optimizer  # fp32 weights: no master copy
+    assert estimate_memory(inv, "single", W) == estimate_memory(inv, "ddp", 1)._replace(mode="single")
+
+
+def test_zero_keeps_fp32_master_weights_of_16_bit_trainable_weights():
+    inv = inventory(torch.nn.Linear(64, 64, dtype=torch.bfloat16))
+    n = 64 * 64 + 64
+    assert estimate_memory(inv, "zero2", 2).optimizer == 12 * n // 2 + 4 * 2  # ZeRO's K = 12
+    assert estimate_memory(inv, "fsdp2", 2).optimizer == 2 * 2 * n // 2 + 4 * 2  # torch AdamW in bf16
+
+
+def test_activation_formula_against_hand_computed_values():
+    shape = ActivationShape(tokens=16, hidden=8, heads=2, layers=3)
+    per_layer = 16 * 2 * 8 * (34 + 5 * 2 * 16 / 8)  # s b h (34 + 5 a s / h), b = 2 rows: 13824 bytes at 16-bit
+    assert per_layer == 13824
+    assert activation_bytes(shape, rows=2) == 3 * 13824
+    assert activation_bytes(shape, rows=2, bytes_per_value=4) == 2 * 3 * 13824
+    assert activation_bytes(shape._replace(checkpointed=True), rows=2) == 3 * 2 * 16 * 2 * 8 + 13824
+    assert activation_bytes(shape._replace(rows_per_sample=2, forwards=3), rows=1) == 3 * 13824 * 3
+    assert activation_bytes(ActivationShape(8, 4, 2, 1), 1) == 1728
+
+
+def fake_adapter(shape=None):
+    tuning = SimpleNamespace(model=torch.nn.Linear(32, 32), _reference_copy=None)
+    adapter = SimpleNamespace(tuning=tuning, vae=torch.nn.Linear(4, 4))
+    if shape is not None:
+        adapter.activation_shape = lambda: shape
+    return adapter
+
+
+def run_config(micro_batch_size=4, step_chunk=None, mixed_precision="no"):
+    train = SimpleNamespace(prompts_per_step=2, group_size=4, micro_batch_size=micro_batch_size,
+                            step_chunk=step_chunk, mixed_precision=mixed_precision)  # fmt: skip
+    return SimpleNamespace(train=train, loss=SimpleNamespace(ratio="token"))
+
+
+def test_estimate_for_run_counts_towers_rows_and_chunks():
+    shape = ActivationShape(tokens=10, hidden=32, heads=4, layers=2, forwards=5)
+    est = estimate_for_run(fake_adapter(shape), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
+    assert est.parameters == (32 * 32 + 32 + 16 + 4) * 4  # the trained layer and the frozen "vae"
+    # 8 rows over 2 processes: 4 rows per micro-batch; step_chunk 1: one forward per backward; fp32 run
+    assert est.activations == activation_bytes(shape._replace(forwards=1), rows=4, bytes_per_value=4)
+    text = format_estimate(est)
+    assert "ddp, 2 processes" in text and "per micro-batch" in text
+    assert "activations:     not estimated" in format_estimate(estimate_for_run(fake_adapter(), run_config(), 1, "single"))
+    assert estimate_for_run(SimpleNamespace(), run_config(), 1, "single") is None
+
+
+def test_sharding_mode_of_an_accelerator():
+    def acc(kind, processes=2, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage else None
+        return SimpleNamespace(distributed_type=f"DistributedType.{kind}", num_processes=processes,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))  # fmt: skip
+
+    assert sharding_mode(acc("NO", 1)) == "single"
+    assert sharding_mode(acc("MULTI_CPU")) == "ddp"
+    assert sharding_mode(acc("FSDP")) == "fsdp2"
+    assert sharding_mode(acc("DEEPSPEED", stage=2)) == "zero2"
+    with pytest.raises(ValueError, match="unknown sharding mode 'zero4'"):
+        estimate_memory(inventory(torch.nn.Linear(2, 2)), "zero4")
