@@ -96,6 +96,20 @@ def test_elbo_keeps_its_masks_for_every_iteration_and_the_reference(tiny_path):
     assert (rollout.log_probs <= 0).all()
 
 
+@pytest.mark.parametrize("estimator", ["elbo", "bgpo"])
+def test_antithetic_option_pairs_the_mc_samples(tiny_path, estimator):
+    adapter = _adapter(tiny_path, estimator=estimator, mc_samples=4, antithetic=True)
+    rollout = adapter.sample(PROMPTS, 2, torch.Generator().manual_seed(0))
+    masks = rollout.extras["elbo_masks"]  # [6, 4, 6]
+    assert torch.equal(masks[:, 0::2].sum(-1) + masks[:, 1::2].sum(-1), torch.full((6, 2), 7))  # k + (L + 1 - k)
+    assert (masks[:, 0::2] | masks[:, 1::2]).all()
+    stats = accumulate_gradients(adapter, replace(rollout, advantages=torch.linspace(-1, 1, 6)), LossConfig(),
+                                 micro_batch_size=6)  # fmt: skip
+    assert stats["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="antithetic pairs the ELBO's MC samples: it needs estimator elbo or bgpo"):
+        _adapter(tiny_path, estimator="d1", antithetic=True)
+
+
 def test_samples_carry_text_tokens_and_unmasking_order(tiny_path):
     adapter = _adapter(tiny_path)
     rollout = adapter.sample(PROMPTS[:1], 3, torch.Generator().manual_seed(1))

@@ -16,8 +16,10 @@ import torch
 
 import mmgrpo.pipelines.mdlm.sampler as sampler_module
 from mmgrpo.pipelines.mdlm.estimators import (
+    antithetic_pair_masks,
     completion_mask,
     d1_canvas,
+    draw_antithetic_elbo_masks,
     draw_elbo_masks,
     elbo_canvas,
     elbo_terms,
@@ -96,6 +98,51 @@ def test_elbo_estimator_is_unbiased():
     k = masks.sum(-1)[0]
     assert k.min() == 1 and k.max() == L  # k ~ U{1..L}
     assert torch.bincount(k)[1:].float().div(len(k)).sub(1 / L).abs().max() < 0.02
+
+
+def _antithetic_pair_terms(model: ToyMaskedLM, x: tuple[int, ...]) -> torch.Tensor:
+    """ELBO terms [M, 2] of every antithetic pair: each level k with each order of the positions (equally likely)."""
+    orders = list(itertools.permutations(range(L)))
+    k = torch.tensor([[kk] for kk in range(1, L + 1) for _ in orders])  # [M, 1]
+    ranks = torch.tensor([list(order) for _ in range(1, L + 1) for order in orders])  # [M, L]
+    masks = antithetic_pair_masks(k, ranks).flatten(0, 1)  # [2M, L]
+    target = torch.tensor([x])
+    canvas = elbo_canvas(torch.zeros(1, 0, dtype=torch.long), target, masks[None], MASK)  # [2M, L]
+    with torch.no_grad():
+        logp = token_log_probs(model(canvas), target.expand(len(masks), -1))  # [2M, L]
+    return elbo_terms(logp[None], masks[None])[0].view(-1, 2).double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_antithetic_pairs_keep_the_elbo_mean_and_lower_its_variance(seed):
+    """By enumeration: each half of a pair has the plain estimator's mean, and the pair's mean varies less than the
+    mean of two independent plain samples (summed over every completion of the toy; 0.56-0.78x at seeds 0-2)."""
+    model = ToyMaskedLM(L, seed=seed)
+    antithetic, plain = 0.0, 0.0
+    for x in itertools.product(range(V), repeat=L):
+        pairs = _antithetic_pair_terms(model, x)  # [M, 2]
+        exact = _exact_elbo_mean(model, x)
+        assert pairs[:, 0].mean().item() == pytest.approx(exact, abs=1e-9)
+        assert pairs[:, 1].mean().item() == pytest.approx(exact, abs=1e-9)
+        antithetic += pairs.mean(1).var(unbiased=False).item()
+        plain += pairs[:, 0].var(unbiased=False).item() / 2  # two independent samples
+    assert antithetic < 0.8 * plain
+
+
+def test_antithetic_draws_pair_complementary_levels_with_the_plain_marginals():
+    n, K = 12000, 5
+    masks = draw_antithetic_elbo_masks(n, K, L, torch.Generator().manual_seed(0))  # [n, K, L]
+    assert masks.shape == (n, K, L)
+    first, second = masks[:, 0::2][:, :2], masks[:, 1::2]  # [n, 2, L] each
+    assert torch.equal(first.sum(-1) + second.sum(-1), torch.full((n, 2), L + 1))  # levels k and L + 1 - k
+    assert (first | second).all() and ((first & second).sum(-1) == 1).all()  # they cover the answer, share one
+    for j in range(K):  # every sample alone: each non-empty mask with probability 1 / (L * C(L, k))
+        codes = (masks[:, j].long() * 2 ** torch.arange(L)).sum(-1)  # [n]
+        freq = torch.bincount(codes, minlength=2**L).double() / n
+        assert freq[0] == 0
+        for code in range(1, 2**L):
+            p = 1 / (L * math.comb(L, bin(code).count("1")))
+            assert abs(freq[code].item() - p) < 4 * math.sqrt(p * (1 - p) / n), (j, code)
 
 
 def test_sampler_draws_from_the_exact_distribution():

@@ -13,7 +13,9 @@ position ids needed from the model). What one decision step is depends on `estim
     d1    T = gen_length tokens; columns past the first EOS do not count (mask). Each inner iteration
           draws its own prompt mask (`for_iteration`); old and new log-probs of an iteration share it.
     elbo  T = mc_samples MC terms, masks drawn at sampling and kept in extras, so the policy, the
-          reference and every iteration score the same masked canvases. With loss.ratio=sequence the
+          reference and every iteration score the same masked canvases (LLaDA 1.5's VRPO "antithetic
+          sampling": shared timesteps and masks). `antithetic=true` also pairs the MC samples with
+          complementary mask levels (estimators.draw_antithetic_elbo_masks; elbo and bgpo). With loss.ratio=sequence the
           ratio is exp(ELBO - ELBO_old), the plain ELBO objective (all samples in one graph).
     bgpo  T = mc_samples, BGPO's bound (estimators.bgpo_log_ratio): old log-probs 0, the ELBO terms of
           sampling kept in extras (elbo_old); the token-level loss backpropagates one MC sample per
@@ -44,6 +46,7 @@ from mmgrpo.pipelines.mdlm.estimators import (
     bgpo_log_ratio,
     completion_mask,
     d1_canvas,
+    draw_antithetic_elbo_masks,
     draw_elbo_masks,
     draw_prompt_mask,
     elbo_canvas,
@@ -87,6 +90,7 @@ class MDLMOptions:
     estimator: Literal["d1", "elbo", "bgpo", "trajectory"] = "d1"
     prompt_mask_prob: float = 0.15  # d1: share of prompt tokens masked when scoring
     mc_samples: int = 4  # elbo / bgpo: Monte Carlo samples per row (= T)
+    antithetic: bool = False  # elbo / bgpo: MC samples in pairs of levels k and L + 1 - k over one order
     shrinkage: int = 1  # trajectory: consecutive sampler steps merged into one decision
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
@@ -108,6 +112,9 @@ class MDLMOptions:
             raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}")
         if self.mc_samples < 1 or self.shrinkage < 1:
             raise ValueError(f"mc_samples and shrinkage must be >= 1, got {self.mc_samples}, {self.shrinkage}")
+        if self.antithetic and self.estimator not in ("elbo", "bgpo"):
+            raise ValueError(f"antithetic pairs the ELBO's MC samples: it needs estimator elbo or bgpo, "
+                             f"got {self.estimator!r}")  # fmt: skip
         if self.estimator == "trajectory" and (self.threshold is not None or self.temperature == 0):
             raise ValueError("estimator 'trajectory' scores each sampler step at the sampling temperature: it needs "
                              "temperature > 0 and threshold unset (a fixed number of steps)")
@@ -212,7 +219,8 @@ class MaskedDiffusionAdapter(TunedAdapter):
             extras["temperature"] = torch.full((len(rows),), float(temperature))  # [N]
         else:
             mask = torch.ones(len(rows), o.mc_samples, dtype=torch.bool)  # [N, K]
-            extras["elbo_masks"] = draw_elbo_masks(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
+            draw = draw_antithetic_elbo_masks if o.antithetic else draw_elbo_masks
+            extras["elbo_masks"] = draw(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
             if o.estimator == "bgpo":
                 extras["elbo_old"] = torch.zeros(mask.shape)  # [N, K], filled below
         rollout = Rollout(
