@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,11 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmgrpo.pipelines.flow import sde
 from mmgrpo.pipelines.flow.adapter import FlowAdapter
 from mmgrpo.pipelines.flow.tiny import TEXT_LEN, tiny_pipeline
-from mmgrpo.pipelines.flow.window import tail_stops
+from mmgrpo.pipelines.flow.window import plan_window, tail_stops
 from mmgrpo.protocols import Adapter, StepScores
 from mmgrpo.rollout import Rollout
 
@@ -26,10 +28,10 @@ SIZE = {
 PROMPTS = ["a red circle", {"prompt": "a blue square left of a green triangle", "color": "blue"}]
 
 
-def make(family: str, **kwargs) -> FlowAdapter:
+def make(family: str, adapter_class: type = FlowAdapter, **kwargs) -> FlowAdapter:
     kw = dict(num_steps=4, eval_steps=3, max_sequence_length=TEXT_LEN, lora_rank=4, lora_alpha=8, **SIZE[family])
     kw.update(kwargs)
-    return FlowAdapter(tiny_pipeline(family), **kw)
+    return adapter_class(tiny_pipeline(family), **kw)
 
 
 def perturb_lora(adapter: FlowAdapter, seed: int = 0, scale: float = 0.5) -> None:
@@ -251,26 +253,36 @@ def test_timestep_fraction_trains_the_first_steps():
     assert ratio_dev(adapter.log_prob(rollout).log_probs, rollout.log_probs) < 1e-6
 
 
-def test_random_and_sliding_windows():
+def _window(rollout: Rollout) -> list[int]:
+    """The trained (SDE) steps of a rollout's first row."""
+    return rollout.mask[0].nonzero().flatten().tolist()
+
+
+def test_random_and_sliding_windows_follow_the_training_step_and_seed():
     adapter = make("wan", num_steps=8, window=2, window_mode="random")
-    starts = set()
-    for seed in range(8):
-        rollout = adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(seed))
-        cols = rollout.mask[0].nonzero().flatten().tolist()
-        assert len(cols) == 2 and cols[1] == cols[0] + 1
-        starts.add(cols[0])
-    assert starts <= {0, 1, 2, 3} and len(starts) > 1  # random starts in the first half
-    again = adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(3))
-    fresh = make("wan", num_steps=8, window=2, window_mode="random")
-    first = fresh.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(3))
-    assert torch.equal(again.mask, first.mask)  # the start comes from the sample generator
+    spec = adapter.options.window_spec()
+    starts = []
+    for step in range(6):
+        adapter.begin_step(step, 11)
+        # two sample() calls of one step (dynamic-sampling rounds), with other generators: one window
+        first, second = (adapter.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(step + k)) for k in (0, 50))
+        assert _window(first) == _window(second) == list(plan_window(spec, step, 11).trained)
+        assert len(_window(first)) == 2 and _window(first)[1] == _window(first)[0] + 1
+        starts.append(_window(first)[0])
+    assert set(starts) <= {0, 1, 2, 3} and len(set(starts)) > 1  # random starts in the first half, varying by step
+
+    fresh = make("wan", num_steps=8, window=2, window_mode="random")  # no begin_step: step 0 of seed 0
+    assert _window(fresh.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(3))) == list(
+        plan_window(spec, 0, 0).trained)
 
     sliding = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
-    seen = [sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)).mask[0].nonzero()[0].item()
-            for _ in range(8)]
+    seen = []
+    for step in range(8):
+        sliding.begin_step(step, 0)
+        seen.append(_window(sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)))[0])
+        sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0), evaluate=True)  # evaluation moves nothing
     assert seen == [0, 0, 1, 1, 2, 2, 0, 0]
-    sliding.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0), evaluate=True)
-    assert sliding.sample_calls == 8  # evaluation does not move the window
+    assert not hasattr(sliding, "sampler_state")  # nothing beyond (step, seed): a checkpoint keeps no window state
 
 
 def test_schedules_match_closed_form():
@@ -444,14 +456,40 @@ def test_readable_errors():
         make("wan", num_frames=4)
 
 
-def test_sliding_window_position_survives_a_checkpoint():
-    first = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
-    for _ in range(3):
-        first.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0))
-    resumed = make("sd3", num_steps=4, window=2, window_mode="sliding", slide_every=2)
-    resumed.load_sampler_state(first.sampler_state())
-    start = lambda a: a.sample(PROMPTS[:1], 1, torch.Generator().manual_seed(0)).mask[0].nonzero()[0].item()
-    assert start(resumed) == start(first) == 1  # call 3 of slide_every=2: the window moved to step 1
+class _OlderFlowAdapter(FlowAdapter):
+    """The flow adapter as it was before the window followed the training step: it saved its
+    training sample() count in every checkpoint (adapter.json)."""
+
+    def sampler_state(self):
+        return {"sample_calls": 7}
+
+
+def _window_run(adapter_class, out, max_steps, resume=None):
+    from mmgrpo.trainer import train
+
+    torch.manual_seed(0)  # peft draws the LoRA A matrices from the global generator
+    adapter = make("sd3", adapter_class, decode=False, window=2, window_mode="sliding", slide_every=1)
+    config = {"train": {"max_steps": max_steps, "prompts_per_step": 2, "group_size": 2, "checkpoint_every": 1,
+                        "cpu": True, "num_threads": 1},
+              "optim": {"lr": 3e-2}, "eval": {"num_prompts": 0}}
+    latent_mean = {"latent_mean": lambda samples, prompts, **_: [float(x.mean()) for x in samples]}
+    if resume is not None:
+        return train(None, resume=resume, adapter=adapter, rewards=latent_mean, prompts=PROMPTS,
+                     max_steps=max_steps, progress=False)
+    return train(config, adapter=adapter, rewards=latent_mean, prompts=PROMPTS, out=out, progress=False)
+
+
+def test_checkpoint_of_an_older_version_with_window_state_resumes_exactly(tmp_path):
+    straight = _window_run(_OlderFlowAdapter, tmp_path / "a", 2)
+    _window_run(_OlderFlowAdapter, tmp_path / "b", 1)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_000001"
+    assert json.loads((ckpt / "adapter.json").read_text()) == {"sample_calls": 7}  # the older format
+    resumed = _window_run(FlowAdapter, None, 2, resume=tmp_path / "b")
+    last = lambda r: {k: v for k, v in r.metrics[-1].items() if not k.startswith("time/")}  # noqa: E731
+    assert last(resumed) == last(straight)  # step 2 (window at step 1) as in the uninterrupted run
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- step sizes, options, device

@@ -363,40 +363,45 @@ def test_a_bad_prior_is_a_readable_error():
 from mmgrpo.pipelines.flow import window as win  # noqa: E402
 
 
-def _no_draw(k: int) -> int:
-    raise AssertionError("only a random window draws")
-
-
-def _plan(num_steps, window, mode="fixed", start=0, max_start=None, slide_every=25, calls=0, draw=_no_draw,
+def _plan(num_steps, window, mode="fixed", start=0, max_start=None, slide_every=25, step=0, seed=0,
           timestep_fraction=1.0, tail_steps=None):
     spec = win.WindowSpec(num_steps, window, mode, start, max_start, slide_every, timestep_fraction, tail_steps)
-    return win.plan_window(spec, calls, draw)
+    return win.plan_window(spec, step, seed)
 
 
 def test_fixed_window_and_no_window():
     assert _plan(5, 2, start=1) == ((1, 2), (1, 2), (0, 1, 2, 3, 4, 5))
+    assert _plan(5, 2, start=1, step=7, seed=3) == _plan(5, 2, start=1)  # a fixed window never moves
     assert _plan(4, None) == ((0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3, 4))  # SDE everywhere
     assert win.ode_plan(3) == ((), (), (0, 1, 2, 3))  # evaluation
 
 
-def test_random_window_draws_its_start_from_the_first_half():
-    asked = []
-
-    def last(k):
-        asked.append(k)
-        return k - 1
-
-    assert _plan(8, 2, "random", draw=last).sde_steps == (3, 4)  # starts 0 .. 8 // 2 - 1
-    assert _plan(8, 2, "random", max_start=1, draw=last).sde_steps == (1, 2)
-    assert _plan(4, 2, "random", max_start=10, draw=last).sde_steps == (2, 3)  # capped at num_steps - window
-    assert _plan(8, 2, "random", draw=lambda k: 0).sde_steps == (0, 1)
-    assert asked == [4, 2, 3]
+def test_splitmix64_matches_the_published_sequence():
+    # SplitMix64 seeded with 0: its first three outputs (the reference generator's state advances by the gamma)
+    gamma = 0x9E3779B97F4A7C15
+    assert [win.splitmix64(k * gamma % 2**64) for k in range(3)] == [
+        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert win.window_seed(5, 9) == win.splitmix64(win.splitmix64(5) ^ 9)
+    assert win.window_seed(-1, 0) == win.window_seed(2**64 - 1, 0)  # negative seeds: their 64-bit pattern
 
 
-def test_sliding_window_moves_every_slide_every_calls_and_wraps():
-    starts = [_plan(4, 2, "sliding", slide_every=2, calls=c).sde_steps[0] for c in range(8)]
+def test_random_window_start_is_a_function_of_step_and_seed():
+    starts = lambda seed, **kw: [_plan(8, 2, "random", step=t, seed=seed, **kw).sde_steps[0] for t in range(400)]
+    zero = starts(0)
+    assert zero == starts(0)  # the same (step, seed): the same start, wherever it is computed
+    assert zero[:10] == [3, 2, 1, 1, 3, 0, 3, 0, 3, 3]  # pinned: resumed and older runs keep their windows
+    assert zero != starts(1) and starts(1) != starts(2)  # other seeds draw other starts
+    assert all(zero.count(a) > 60 for a in range(4))  # about uniform over starts 0 .. 8 // 2 - 1 (100 each)
+    assert set(zero) == {0, 1, 2, 3}
+    assert set(starts(0, max_start=1)) == {0, 1}
+    assert set(starts(0, max_start=10)) == {0, 1, 2, 3, 4, 5, 6}  # capped at num_steps - window
+    assert all(_plan(8, 2, "random", step=t).sde_steps[1] == zero[t] + 1 for t in range(5))
+
+
+def test_sliding_window_moves_every_slide_every_steps_and_wraps():
+    starts = [_plan(4, 2, "sliding", slide_every=2, step=t, seed=9).sde_steps[0] for t in range(8)]
     assert starts == [0, 0, 1, 1, 2, 2, 0, 0]
-    assert [_plan(6, 2, "sliding", start=1, max_start=2, slide_every=1, calls=c).sde_steps[0] for c in range(4)] == [
+    assert [_plan(6, 2, "sliding", start=1, max_start=2, slide_every=1, step=t).sde_steps[0] for t in range(4)] == [
         1, 2, 0, 1]
 
 

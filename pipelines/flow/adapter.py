@@ -107,7 +107,9 @@ class FlowAdapter(TunedAdapter):
         self.guidance_scale = o.guidance_scale
         self.decode = o.decode
         self.finetune = o.finetune
-        self.sample_calls = 0  # training sample() calls so far (drives the sliding window)
+        # the training step and run seed the SDE window derives from (begin_step); a training
+        # sample() outside the trainer, with no begin_step call, plans as step 0 of seed 0
+        self.window_step, self.window_seed = 0, 0
 
         for module in self.family.frozen_modules():
             module.requires_grad_(False)
@@ -153,10 +155,8 @@ class FlowAdapter(TunedAdapter):
         B, G = len(prompts), int(group_size)
         n = B * G
         T = self.options.eval_steps if evaluate else self.options.num_steps
-        plan = ode_plan(T) if evaluate else self._plan(generator)
+        plan = ode_plan(T) if evaluate else self._plan()
         trained = [] if self.kernel == "ode" else list(plan.trained)
-        if not evaluate:
-            self.sample_calls += 1
         sigmas = self._sigmas(T)  # [T+1] fp32 on cpu
         sigma_max = float(sigmas[1])  # "sde": the denominator's sigma at sigma = 1
 
@@ -276,12 +276,10 @@ class FlowAdapter(TunedAdapter):
         std = std.index_put((rows, cols), out.std)  # [n, S, 1, ...]
         return StepScores(log_probs, mean, std, step_size)
 
-    def sampler_state(self) -> dict[str, int]:
-        """What a checkpoint must keep beyond weights: the call count that drives the sliding window."""
-        return {"sample_calls": self.sample_calls}
-
-    def load_sampler_state(self, state: dict[str, int]) -> None:
-        self.sample_calls = int(state["sample_calls"])
+    def begin_step(self, step: int, seed: int) -> None:
+        """Before the rollouts of training `step` (the trainer calls it on every process): the SDE window
+        of every training sample() until the next call derives from (step, seed) alone (window.py)."""
+        self.window_step, self.window_seed = int(step), int(seed)
 
     def export(self, sample: torch.Tensor, path: str | Path, fps: int = 8) -> str:
         """Write a sample to `path` through its family (images: PNG; videos: MP4 + contact sheet,
@@ -298,13 +296,9 @@ class FlowAdapter(TunedAdapter):
     def _cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def _plan(self, generator: torch.Generator) -> WindowPlan:
-        """The SDE window, trained steps and visited sigmas of the next training rollout."""
-
-        def draw(k: int) -> int:  # a random window start: from the sample generator
-            return int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
-
-        return plan_window(self.options.window_spec(), self.sample_calls, draw)
+    def _plan(self) -> WindowPlan:
+        """The SDE window, trained steps and visited sigmas of the training rollouts of the current step."""
+        return plan_window(self.options.window_spec(), self.window_step, self.window_seed)
 
     def _sigmas(self, num_steps: int) -> torch.Tensor:
         """The T+1 sigmas from 1 to 0 of a num_steps sampler, fp32 on cpu."""

@@ -24,9 +24,11 @@ class FlowOptions:
         "dance" (linspace(1, 0, T+1) shifted by schedule_shift).
     timestep_fraction: only the first int(T * fraction) steps are trained (0.99 of 10 -> 9).
     window: SDE window size (None = SDE at every step), ODE elsewhere; window_mode "fixed"
-        (start = window_start), "random" (start ~ U{0..window_max_start} from the sample
-        generator; default max start T//2 - 1, the first half) or "sliding" (start =
-        window_start + calls // slide_every, wrapping after window_max_start, default T - window).
+        (start = window_start), "random" (start ~ U{0..window_max_start}, default max start
+        T//2 - 1, the first half, drawn once per training step from the step and the run seed) or
+        "sliding" (start = window_start + step // slide_every, slide_every training steps per move,
+        wrapping after window_max_start, default T - window). Every process and every sample()
+        call of a training step (dynamic-sampling rounds included) uses the same window; see window.py.
     tail_steps: Euler steps for the ODE tail of a training rollout, from the end of its SDE
         window to sigma 0 (None = the schedule's own steps). Only window steps are trained, so
         the tail only has to carry the window's output to a sample the rewards can read; the

@@ -2,15 +2,17 @@
 
 Flow-GRPO-Fast / MixGRPO (ANCHORS.md section 1): the SDE runs only inside a window of a few
 steps and the ODE (Euler) elsewhere; only window steps are stored and trained. Pure functions of
-the options and of the number of training calls so far, so the plan is testable on its own:
+the options, the training step (0-based optimizer step) and the run seed, so every process of a
+run, every dynamic-sampling round of a step and every sample() call of a step get the same plan:
 
-    spec = WindowSpec(num_steps=10, window=2, mode="random")
-    plan = plan_window(spec, calls=0, draw=lambda k: 3)   # draw(k): an index in range(k)
+    spec = WindowSpec(num_steps=10, window=2, mode="sliding", slide_every=1)
+    plan = plan_window(spec, step=3, seed=0)
     plan.sde_steps == (3, 4); plan.trained == (3, 4); plan.stops == (0, 1, ..., 10)
 
-Window modes: "fixed" starts at `start`; "random" at a start drawn from 0 .. max_start (default
-num_steps // 2 - 1: the first half); "sliding" at start + calls // slide_every, wrapping after
-max_start (default num_steps - window). Without a window (window=None) every step is SDE.
+Window modes: "fixed" starts at `start`; "random" at a start drawn uniformly from 0 .. max_start
+(default num_steps // 2 - 1: the first half) by a torch.Generator seeded with window_seed(seed,
+step), never by a process's sampling generator; "sliding" at start + step // slide_every, wrapping
+after max_start (default num_steps - window). Without a window (window=None) every step is SDE.
 timestep_fraction trains only the SDE steps among the first int(num_steps * fraction).
 tail_steps: the ODE tail after the window takes tail_steps larger Euler steps (their stops evenly
 spaced by index) instead of the schedule's own; evaluation rollouts use `ode_plan`.
@@ -18,7 +20,7 @@ spaced by index) instead of the schedule's own; evaluation rollouts use `ode_pla
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +35,7 @@ class WindowSpec(NamedTuple):
     mode: str = "fixed"  # (window_mode) "fixed" | "random" | "sliding"
     start: int = 0  # (window_start) the fixed start, or where sliding begins
     max_start: int | None = None  # (window_max_start) the last start random / sliding may use
-    slide_every: int = 25  # sliding: training calls per step forward
+    slide_every: int = 25  # sliding: training steps per move of the window by one sampler step
     timestep_fraction: float = 1.0  # only SDE steps among the first int(num_steps * fraction) train
     tail_steps: int | None = None  # Euler steps of the ODE tail after the window; None: the schedule's
 
@@ -81,19 +83,39 @@ def tail_stops(num_steps: int, sde_steps: tuple[int, ...], tail_steps: int | Non
     return tuple(range(end)) + tuple(tail)
 
 
-def plan_window(spec: WindowSpec, calls: int, draw: Callable[[int], int]) -> WindowPlan:
-    """The plan of a training rollout after `calls` earlier training rollouts.
+_MASK64 = (1 << 64) - 1
 
-    draw(k) returns an index in range(k); it is called once, and only by a random window.
-    """
+
+def splitmix64(z: int) -> int:
+    """One SplitMix64 output for state z (Steele, Lea & Flood 2014): the state advanced by the golden
+    gamma 0x9E3779B97F4A7C15, then two xor-shift-multiply rounds. Near inputs give unrelated outputs."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def window_seed(seed: int, step: int) -> int:
+    """The seed of a random window's draw at training `step` of a run seeded `seed`:
+    splitmix64(splitmix64(seed) ^ step), a 64-bit integer. The hash keeps it unrelated to the run's
+    other generators (seeded from `seed` itself) and to neighbouring steps and seeds."""
+    return splitmix64(splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+def window_start(spec: WindowSpec, step: int, seed: int) -> int:
+    """The first SDE step of every training rollout of training `step` (0 without a window)."""
     starts = window_starts(spec)
     if spec.window is None or spec.mode == "fixed":
-        first = starts[0]
-    elif spec.mode == "random":
-        first = starts[draw(len(starts))]
-    else:  # sliding: one step forward every slide_every training calls, wrapping around
-        first = starts[(spec.start + calls // spec.slide_every) % len(starts)]
-    sde = window_steps(spec.num_steps, spec.window, first)
+        return starts[0]
+    if spec.mode == "random":
+        draw = torch.Generator().manual_seed(window_seed(seed, step))
+        return starts[int(torch.randint(len(starts), (1,), generator=draw))]
+    return starts[(spec.start + step // spec.slide_every) % len(starts)]  # sliding: wraps around
+
+
+def plan_window(spec: WindowSpec, step: int, seed: int) -> WindowPlan:
+    """The plan of the training rollouts of training `step` (0-based) in a run seeded `seed`."""
+    sde = window_steps(spec.num_steps, spec.window, window_start(spec, step, seed))
     trained = trained_steps(spec.num_steps, sde, spec.timestep_fraction)
     return WindowPlan(sde, trained, tail_stops(spec.num_steps, sde, spec.tail_steps))
 
