@@ -242,8 +242,8 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in _unique_parameters([module]))
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
 
 
 def format_estimate(est: MemoryEstimate | None) -> str:
@@ -251,12 +251,12 @@ def format_estimate(est: MemoryEstimate | None) -> str:
     if est is None:
         return "memory per device: not estimated (the adapter has no `tuning` to count weights from)"
     acts = "not estimated (the adapter gives no activation_shape)" if est.activations is None \
-        else f"{_gib(est.activations)} per micro-batch"  # fmt: skip
+        else f"{_gb(est.activations)} per micro-batch"  # fmt: skip
     return "\n".join([
         f"memory per device (estimate, {est.mode}, {est.world_size} process{'es' if est.world_size > 1 else ''}):",
-        f"  parameters:      {_gib(est.parameters)}",
-        f"  gradients:       {_gib(est.gradients)}",
-        f"  optimizer state: {_gib(est.optimizer)}",
+        f"  parameters:      {_gb(est.parameters)}",
+        f"  gradients:       {_gb(est.gradients)}",
+        f"  optimizer state: {_gb(est.optimizer)}",
         f"  activations:     {acts}",
-        f"  total:           {_gib(est.total)}{'' if est.activations is not None else ' + activations'}",
+        f"  total:           {_gb(est.total)}{'' if est.activations is not None else ' + activations'}",
     ])  # fmt: skip
