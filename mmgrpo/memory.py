@@ -16,6 +16,14 @@ such as text encoders and VAEs live outside it and are replicated in every mode)
     fsdp2   / W               / W         / W               (the full-FT reference copy is sharded too)
     zero3   / W               / W         / W
 
+Transient buffers (the `buffers` line): under ddp the trainer averages gradients with one all-reduce of a
+flat fp32 copy of them (distributed.Collective.mean_gradients), which accelerate's reduce clones: 2 x 4 bytes
+per trainable weight at that moment. Under fsdp2 each block's weights are all-gathered for its forward and
+backward while the next block's gather is prefetched, and its full gradient exists until it is
+reduce-scattered: about 3 unsharded blocks, plus the weights outside every block (embeddings, heads), which
+the root keeps gathered between forward and backward. Blocks are the model's `_no_split_modules` classes,
+as the FSDP2 wrap policy picks them.
+
 Optimizer state is torch AdamW's, as the trainer runs it: two moments in the dtype of each trainable weight
 and a 4-byte step per weight tensor. LoRA weights train in fp32 (pipelines/toolkit.py), so LoRA runs need no
 master copy. Under DeepSpeed with 16-bit trainable weights, ZeRO keeps fp32 master weights and fp32
@@ -31,6 +39,7 @@ one layer's full activations are added once. An adapter tells its shape through 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -65,6 +74,8 @@ class ParameterInventory:
     trainable_tensors: int  # how many tensors (AdamW keeps a step per tensor)
     reference_bytes: int = 0  # the frozen copy full fine-tuning keeps as reference policy
     replicated_bytes: int = 0  # frozen modules outside the trained one (text encoders, VAE, vision towers)
+    largest_block_bytes: int = 0  # the largest block FSDP2 shards on its own (a _no_split_modules class)
+    outside_blocks_bytes: int = 0  # trained-module weights in no block (embeddings, heads): the root's shard
 
     @property
     def trainable_bytes_per_value(self) -> float:
@@ -92,10 +103,11 @@ class MemoryEstimate(NamedTuple):
     gradients: int
     optimizer: int
     activations: int | None  # one micro-batch; None: the adapter gave no shape
+    buffers: int = 0  # transient: the gradient all-reduce (ddp), gathered blocks (fsdp2)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + (self.activations or 0)
+        return self.parameters + self.gradients + self.optimizer + (self.activations or 0) + self.buffers
 
 
 def _unique_parameters(modules: Iterable[torch.nn.Module | None]) -> list[torch.nn.Parameter]:
@@ -111,18 +123,33 @@ def _bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def _blocks(module: torch.nn.Module, class_names: Sequence[str]) -> list[torch.nn.Module]:
+    """The outermost submodules whose class is named in class_names."""
+    found: list[torch.nn.Module] = []
+    inner: set[int] = set()
+    for sub in module.modules():
+        if id(sub) in inner:
+            continue
+        if sub is not module and type(sub).__name__ in class_names:
+            found.append(sub)
+            inner |= {id(m) for m in sub.modules()}
+    return found
+
+
 def inventory(
     trained: torch.nn.Module,
     reference: torch.nn.Module | None = None,
     frozen: Sequence[torch.nn.Module] = (),
     extra_trainable: int = 0,
     extra_trainable_tensors: int = 0,
+    block_classes: Sequence[str] | None = None,
 ) -> ParameterInventory:
     """Count the weights of the trained module, its reference copy and the frozen modules (meta tensors work).
 
     Shared tensors count once; a frozen module that is part of the trained one counts with the trained one.
     extra_trainable / extra_trainable_tensors: fp32 weights not yet in `trained` (LoRA layers counted by
-    lora_parameter_count for a model built on the meta device without peft).
+    lora_parameter_count for a model built on the meta device without peft); they count inside the blocks.
+    block_classes: class names of the blocks FSDP2 shards one by one (default: trained._no_split_modules).
     """
     trained_params = _unique_parameters([trained])
     trainable = [p for p in trained_params if p.requires_grad]
@@ -130,6 +157,10 @@ def inventory(
     reference_params = [p for p in _unique_parameters([reference]) if id(p) not in inside]
     inside |= {id(p) for p in reference_params}
     frozen_params = [p for p in _unique_parameters(frozen) if id(p) not in inside]
+    names = block_classes if block_classes is not None else getattr(trained, "_no_split_modules", None) or ()
+    blocks = _blocks(trained, names)
+    block_bytes = [_bytes(_unique_parameters([b])) for b in blocks]
+    extra_per_block = 4 * extra_trainable / len(blocks) if blocks else 0.0
     return ParameterInventory(
         trained_bytes=_bytes(trained_params) + 4 * extra_trainable,
         trainable_bytes=_bytes(trainable) + 4 * extra_trainable,
@@ -137,6 +168,8 @@ def inventory(
         trainable_tensors=len(trainable) + extra_trainable_tensors,
         reference_bytes=_bytes(reference_params),
         replicated_bytes=_bytes(frozen_params),
+        largest_block_bytes=int(max(block_bytes, default=0) + extra_per_block),
+        outside_blocks_bytes=_bytes(trained_params) - sum(block_bytes) + (0 if blocks else 4 * extra_trainable),
     )
 
 
@@ -193,17 +226,34 @@ def estimate_memory(
     moments = ZERO_MIXED_PRECISION_OPTIMIZER_BYTES * inv.trainable_count if deepspeed_master else 2 * inv.trainable_bytes
     optimizer = split(moments, shard_optimizer) + ADAM_STEP_BYTES * inv.trainable_tensors
     acts = None if activations is None else activation_bytes(activations, rows, bytes_per_activation)
-    return MemoryEstimate(mode, W, parameters, gradients, optimizer, acts)
+    return MemoryEstimate(mode, W, parameters, gradients, optimizer, acts, transient_buffers(inv, mode, W))
+
+
+def transient_buffers(inv: ParameterInventory, mode: str, world_size: int) -> int:
+    """Bytes of the communication buffers at their peak (see the module docstring); 0 on one process."""
+    if world_size == 1 or mode == "single":
+        return 0
+    if mode == "ddp":
+        return 2 * 4 * inv.trainable_count  # Collective.mean_gradients' flat fp32 copy + accelerate.reduce's clone
+    if mode == "fsdp2":
+        return 3 * inv.largest_block_bytes + inv.outside_blocks_bytes
+    return 0  # DeepSpeed's buckets are bounded by its reduce_bucket_size, not modelled
 
 
 def sharding_mode(accelerator: Any) -> str:
-    """The MODES name of how an accelerate.Accelerator runs: single, ddp, fsdp2 or zero1/2/3."""
+    """The MODES name of how an accelerate.Accelerator runs: single, ddp, fsdp2 or zero1/2/3.
+
+    FSDP counts when the launch asked for it (ACCELERATE_USE_FSDP=true, set by `accelerate launch` with an FSDP
+    config): on CPU accelerate reports a multi-CPU run, and mmgrpo shards the trained module itself.
+    """
     kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
-    if kind == "FSDP":
+    if accelerator.num_processes == 1:
+        return "single"
+    if kind == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "fsdp2"
     if kind == "DEEPSPEED":
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}" if accelerator.state.deepspeed_plugin else "ddp"
-    return "single" if accelerator.num_processes == 1 else "ddp"
+    return "ddp"
 
 
 def _trained_and_frozen(adapter: Any) -> tuple[torch.nn.Module, torch.nn.Module | None, list[torch.nn.Module]]:
@@ -258,5 +308,6 @@ def format_estimate(est: MemoryEstimate | None) -> str:
         f"  gradients:       {_gb(est.gradients)}",
         f"  optimizer state: {_gb(est.optimizer)}",
         f"  activations:     {acts}",
+        f"  buffers:         {_gb(est.buffers)} (gradient all-reduce / gathered blocks, transient)",
         f"  total:           {_gb(est.total)}{'' if est.activations is not None else ' + activations'}",
     ])  # fmt: skip

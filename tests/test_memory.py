@@ -110,6 +110,18 @@ def test_sharded_modes_divide_what_they_shard():
     assert estimate_memory(inv, "single", W) == estimate_memory(inv, "ddp", 1)._replace(mode="single")
 
 
+def test_transient_buffers_of_ddp_and_fsdp2():
+    model = small_model()  # two Blocks of 16 hidden and a head outside them
+    block = tensor_bytes(model[0].parameters())
+    inv = inventory(model, block_classes=["Block"])
+    assert (inv.largest_block_bytes, inv.outside_blocks_bytes) == (block, tensor_bytes(model[2].parameters()))
+    assert estimate_memory(inv, "single").buffers == estimate_memory(inv, "ddp", 1).buffers == 0
+    assert estimate_memory(inv, "ddp", 2).buffers == 2 * 4 * inv.trainable_count  # flat fp32 copy + its clone
+    assert estimate_memory(inv, "fsdp2", 2).buffers == 3 * block + inv.outside_blocks_bytes
+    model._no_split_modules = ["Block"]  # the wrap policy's default source, read by default here too
+    assert inventory(model) == inv
+
+
 def test_zero_keeps_fp32_master_weights_of_16_bit_trainable_weights():
     inv = inventory(torch.nn.Linear(64, 64, dtype=torch.bfloat16))
     n = 64 * 64 + 64
@@ -146,23 +158,27 @@ def test_estimate_for_run_counts_towers_rows_and_chunks():
     shape = ActivationShape(tokens=10, hidden=32, heads=4, layers=2, forwards=5)
     est = estimate_for_run(fake_adapter(shape), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
     assert est.parameters == (32 * 32 + 32 + 16 + 4) * 4  # the trained layer and the frozen "vae"
+    assert est.buffers == 2 * 4 * (32 * 32 + 32)
     # 8 rows over 2 processes: 4 rows per micro-batch; step_chunk 1: one forward per backward; fp32 run
     assert est.activations == activation_bytes(shape._replace(forwards=1), rows=4, bytes_per_value=4)
     text = format_estimate(est)
-    assert "ddp, 2 processes" in text and "per micro-batch" in text
+    assert "ddp, 2 processes" in text and "per micro-batch" in text and "buffers" in text
     assert "activations:     not estimated" in format_estimate(estimate_for_run(fake_adapter(), run_config(), 1, "single"))
     assert estimate_for_run(SimpleNamespace(), run_config(), 1, "single") is None
 
 
-def test_sharding_mode_of_an_accelerator():
+def test_sharding_mode_of_an_accelerator(monkeypatch):
     def acc(kind, processes=2, stage=None):
         plugin = SimpleNamespace(zero_stage=stage) if stage else None
         return SimpleNamespace(distributed_type=f"DistributedType.{kind}", num_processes=processes,
                                state=SimpleNamespace(deepspeed_plugin=plugin))  # fmt: skip
 
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert sharding_mode(acc("NO", 1)) == "single"
     assert sharding_mode(acc("MULTI_CPU")) == "ddp"
     assert sharding_mode(acc("FSDP")) == "fsdp2"
     assert sharding_mode(acc("DEEPSPEED", stage=2)) == "zero2"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an FSDP launch on CPU: accelerate reports multi-CPU
+    assert sharding_mode(acc("MULTI_CPU")) == "fsdp2" and sharding_mode(acc("NO", 1)) == "single"
     with pytest.raises(ValueError, match="unknown sharding mode 'zero4'"):
         estimate_memory(inventory(torch.nn.Linear(2, 2)), "zero4")
