@@ -7,6 +7,12 @@ Layout of DIR/checkpoints/step_000042/:
   trainer.safetensors      the optimizer's tensors (Adam moments, step counts) and torch's global RNG state
   rng_rank{r}.safetensors  the sampling generator of each process
   adapter.json             the adapter's own sampler state (when it has any)
+A run whose weights are sharded (FSDP2, see sharding.py) writes no trainable / ema safetensors and keeps
+no optimizer tensors in trainer.safetensors; instead every process writes its own shards of them into
+  sharded/shard-0000{r+1}-model-00001-of-00001.safetensors
+through torch.distributed.checkpoint's safetensors writer (keys "params/<name>", "ema/<name>",
+"optimizer/<index>/<slot>"; each file's header records which slice of which tensor it holds), and
+resume loads them back into the sharded weights with the same reader.
 Nothing in a checkpoint is a pickle, so a run directory can hold data but never code: resume
 reads JSON and safetensors only, and refuses the trainer.pt pickles older versions wrote.
 A checkpoint is written into a hidden temporary folder and renamed into place, then the
@@ -19,6 +25,7 @@ line, and resume falls back to the newest intact checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmgrpo.config import ConfigError
+from mmgrpo.sharding import is_sharded
 
 if TYPE_CHECKING:
     from mmgrpo.data import PromptOrder
@@ -47,6 +55,7 @@ TRAINER_KEYS = (
     "step", "world_size", "order", "scheduler", "optimizer", "ema_updates", "has_ema", "has_adapter_state", "global_rng"
 )  # fmt: skip
 TORCH_RNG = "rng/torch"  # torch's global RNG state in trainer.safetensors
+SHARDED = "sharded"  # the folder of the per-process shards of a sharded run
 
 
 class CorruptCheckpoint(ValueError):
@@ -75,11 +84,16 @@ def save(state: TrainState, root: Path, comm: Collective, keep: int) -> None:
         stage.mkdir(parents=True)
     comm.barrier()
     write_rank(stage, comm.rank, state.generator)
+    sharded = any(is_sharded(p) for p in state.params.values())
+    optimizer_state = state.optimizer.state_dict()
+    if sharded:  # every process writes its shards (a collective)
+        write_shards(stage / SHARDED, sharded_tensors(state.params, state.ema, optimizer_state))
     if comm.is_main:
         has_adapter_state = hasattr(state.adapter, "sampler_state")
         trainer_state = {
             "step": state.step,
             "world_size": comm.world_size,
+            "sharded": sharded,
             "order": state.order.state_dict(),
             "scheduler": state.scheduler.state_dict(),
             "ema_updates": state.ema.updates if state.ema else 0,
@@ -88,10 +102,11 @@ def save(state: TrainState, root: Path, comm: Collective, keep: int) -> None:
         }
         write_main(
             stage,
-            params=state.params,
-            ema=state.ema.shadow if state.ema else None,
+            params=None if sharded else state.params,
+            ema=state.ema.shadow if state.ema and not sharded else None,
             trainer_state=trainer_state,
-            optimizer_state=state.optimizer.state_dict(),
+            optimizer_state=optimizer_state,
+            optimizer_tensors=not sharded,
         )
         if has_adapter_state:
             what = f"{type(state.adapter).__name__}.sampler_state()"
@@ -129,18 +144,26 @@ def restore(state: TrainState, root: Path, comm: Collective) -> Path:
 
 def apply(state: TrainState, saved: dict[str, Any], path: Path) -> None:
     """Copy a loaded checkpoint into `state` (weights, optimizer, schedule, data order, every RNG)."""
-    mismatch = set(state.params) ^ set(saved["params"])
+    names = saved["param_names"] if saved["sharded"] else saved["params"]
+    mismatch = set(state.params) ^ set(names)
     if mismatch:
         raise ConfigError(f"checkpoint {path} does not match the adapter's trainable weights: {sorted(mismatch)[:5]}")
-    with torch.no_grad():
-        for name, p in state.params.items():
-            p.copy_(saved["params"][name].to(p.device, p.dtype))
+    if saved["sharded"]:  # every process reads its shards into the live weights, EMA and optimizer state
+        materialize_optimizer_state(state.optimizer)
+        targets = sharded_tensors(state.params, state.ema if saved["has_ema"] else None, state.optimizer.state_dict())
+        read_shards(path / SHARDED, targets)
+        saved["tensors"].update({k: v for k, v in targets.items() if k.startswith("optimizer/")})
+    else:
+        with torch.no_grad():
+            for name, p in state.params.items():
+                p.copy_(saved["params"][name].to(p.device, p.dtype))
     state.optimizer.load_state_dict(join_optimizer(saved["optimizer"], saved["tensors"], state.optimizer.state_dict()))
     state.scheduler.load_state_dict(saved["scheduler"])
     state.order.load_state_dict(saved["order"])
     state.generator.set_state(saved["generator"])
     if state.ema is not None and saved["ema"] is not None:
         state.ema.shadow = {k: v.float() for k, v in saved["ema"].items()}
+    if state.ema is not None and saved["has_ema"]:
         state.ema.updates = saved["ema_updates"]
     if saved["has_adapter_state"] and hasattr(state.adapter, "load_sampler_state"):
         state.adapter.load_sampler_state(saved["adapter"])
@@ -184,12 +207,19 @@ def write_main(
     ema: dict[str, torch.Tensor] | None,
     trainer_state: dict[str, Any],
     optimizer_state: dict[str, Any],
+    optimizer_tensors: bool = True,
 ) -> None:
-    """What the main process writes into the staging folder (besides the adapter's state)."""
-    write_weights(stage / "trainable.safetensors", params)
+    """What the main process writes into the staging folder (besides the adapter's state).
+
+    params None: the weights are sharded (written by write_shards, as are the optimizer's tensors
+    when optimizer_tensors is False; trainer.json still lists their names)."""
+    if params is not None:
+        write_weights(stage / "trainable.safetensors", params)
     if ema is not None:
         write_weights(stage / "ema.safetensors", ema)
     optimizer, tensors = split_optimizer(optimizer_state)
+    if not optimizer_tensors:
+        tensors = {}
     global_rng, tensors[TORCH_RNG] = global_rng_state()
     write_weights(stage / "trainer.safetensors", tensors)
     trainer_json = {**trainer_state, "optimizer": optimizer, "global_rng": global_rng}
@@ -204,9 +234,10 @@ def write_rank(stage: Path, rank: int, generator: torch.Generator) -> None:
 def publish(root: Path, step: int, keep: int) -> Path:
     """Rename the staging folder into place, point `latest` at it, prune old checkpoints."""
     stage = staging_dir(root, step)
-    for f in stage.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in stage.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     final = root / f"step_{step:06d}"
     if final.exists():
         shutil.rmtree(final)
@@ -266,12 +297,17 @@ def load(path: Path, rank: int, world_size: int) -> dict[str, Any]:
         raise ConfigError(
             f"checkpoint {path} was written by {saved['world_size']} processes; resume with the same number"
         )
+    saved["sharded"] = bool(saved.get("sharded", False))  # older checkpoints: never sharded
     saved["tensors"] = read_tensors(path / "trainer.safetensors")
-    for name in [*saved["optimizer"]["tensors"], TORCH_RNG]:
+    for name in [*([] if saved["sharded"] else saved["optimizer"]["tensors"]), TORCH_RNG]:
         if name not in saved["tensors"]:
             raise CorruptCheckpoint(f"trainer.safetensors lacks {name!r}")
-    saved["params"] = read_tensors(path / "trainable.safetensors")
-    saved["ema"] = read_tensors(path / "ema.safetensors") if saved["has_ema"] else None
+    if saved["sharded"]:
+        saved["param_names"] = check_shards(path / SHARDED, saved["optimizer"]["tensors"], saved["has_ema"])
+        saved["params"] = saved["ema"] = None
+    else:
+        saved["params"] = read_tensors(path / "trainable.safetensors")
+        saved["ema"] = read_tensors(path / "ema.safetensors") if saved["has_ema"] else None
     for r in range(world_size):
         generator = read_tensors(path / f"rng_rank{r}.safetensors").get("generator")
         if generator is None:
@@ -351,3 +387,96 @@ def restore_global_rng(plain: dict[str, Any], torch_state: torch.Tensor) -> None
     name, key, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch_state)
+
+
+# ------------------------------------------------------------------------------- sharded runs (FSDP2)
+
+
+def sharded_tensors(
+    params: dict[str, torch.Tensor], ema: EMA | None, optimizer_state: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """What a sharded checkpoint holds, by key: the live tensors themselves (DTensors for sharded weights,
+    plain tensors for replicated ones), so reading a checkpoint into them loads it in place."""
+    tensors = {f"params/{k}": p.detach() for k, p in params.items()}
+    if ema is not None:
+        tensors.update({f"ema/{k}": v for k, v in ema.shadow.items()})
+    tensors.update(split_optimizer(optimizer_state)[1])  # "optimizer/<index>/<slot>"
+    return tensors
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every process writes its own shard of `tensors` into folder (a collective: all processes call it).
+
+    torch.distributed.checkpoint with its safetensors writer: one file per process, whose header says
+    which slice of which tensor it holds; a tensor replicated on every process is written once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def read_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a sharded checkpoint into `tensors` in place (every process reads the slices it owns)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
+
+
+def check_shards(folder: Path, optimizer_keys: list[str], has_ema: bool) -> list[str]:
+    """The trainable weight names of a sharded checkpoint, after checking that its shard files are readable
+    and that together they cover every element of every weight, EMA and optimizer tensor it lists.
+    Raises CorruptCheckpoint naming the first problem (a missing or truncated shard shows up here)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        raise CorruptCheckpoint(f"{SHARDED}/ holds no shard files")
+    for f in files:
+        read_header(f)
+    try:
+        metadata = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as e:  # a header without its sharding record, or inconsistent shards
+        raise CorruptCheckpoint(f"{SHARDED}/ cannot be read as one checkpoint ({e})") from None
+    names = [k.split("/", 1)[1] for k in metadata if k.startswith("params/")]
+    expected = [f"params/{n}" for n in names] + list(optimizer_keys) + ([f"ema/{n}" for n in names] if has_ema else [])
+    if not names:
+        raise CorruptCheckpoint(f"{SHARDED}/ holds no trainable weights")
+    for key in expected:
+        meta = metadata.get(key)
+        covered = sum(math.prod(c.sizes) for c in meta.chunks) if meta is not None else 0
+        if meta is None or covered != math.prod(meta.size):
+            raise CorruptCheckpoint(f"{SHARDED}/ lacks {'part of ' if meta is not None else ''}{key!r} (a shard file is missing)")
+    return names
+
+
+def read_header(path: Path) -> None:
+    """Open a safetensors file's header (no tensor is read); CorruptCheckpoint when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpoint(f"{SHARDED}/{path.name} is not a readable safetensors file ({e})") from None
+
+
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-weight state (zeros) before any step, so a checkpoint can be read into it.
+
+    One step with zero gradients and lr 0 leaves every weight as it is; the state it creates (Adam's
+    moments and step counts, DTensors for sharded weights) is overwritten by the checkpoint."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, g in zip(params, grads):
+        p.grad = g

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
+from mmgrpo.sharding import is_sharded
+
 
 def local_runs(num_prompts: int, group_size: int, world_size: int, rank: int) -> list[tuple[int, int]]:
     """(prompt index, samples of it on this process) for each prompt this process samples.
@@ -61,6 +63,7 @@ class Collective:
         self.world_size = accelerator.num_processes if accelerator else 1
         self.rank = accelerator.process_index if accelerator else 0
         self.is_main = self.rank == 0
+        self.sharded = False  # weights sharded over the processes (FSDP2): they must run the same forwards
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate each process's tensor along dim 0, in rank order (equal shapes required)."""
@@ -76,8 +79,13 @@ class Collective:
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
     def mean_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Average the gradients over processes with one all-reduce of the flattened grads."""
+        """Average the gradients over processes with one all-reduce of the flattened grads.
+
+        Sharded weights (DTensors) are skipped: FSDP already averaged their gradients in backward."""
         if self.world_size == 1:
+            return
+        params = [p for p in params if not is_sharded(p)]
+        if not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten().float() for g in grads])

@@ -39,15 +39,16 @@ def evaluate(
             "no held-out prompts to evaluate on: pass eval_prompts=..., set data.eval_source, or set eval.num_prompts=0"
         )
     result: dict[str, Any] = {}
-    if comm.is_main:
+    if comm.is_main or comm.sharded:  # sharded weights: every process runs the same forwards (same prompts, seed)
         device = comm.accelerator.device if comm.accelerator else torch.device("cpu")
         generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
         parts = []
         for i in range(0, len(prompts), cfg.eval.batch_size):
             batch = prompts[i : i + cfg.eval.batch_size]
-            with comm.autocast():
+            with torch.no_grad(), comm.autocast():
                 parts.append(adapter.sample(batch, cfg.eval.samples_per_prompt, generator, evaluate=True))
         rollout = Rollout.concat(parts)
+    if comm.is_main:
         components, subs = score_rollout(reward_fns, rollout.samples, rollout.prompts)  # [N, K]
         result = {"num_samples": len(rollout), "reward/mean": nanmean(weighted_sum(components, weights))}
         for k, name in enumerate(reward_fns):

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from mmgrpo.config import ConfigError, OptimConfig
+from mmgrpo.sharding import full_tensor, is_sharded
 
 
 def trainable_weights(adapter: Any) -> dict[str, torch.nn.Parameter]:
@@ -77,8 +78,20 @@ def clip_gradients(params: dict[str, torch.nn.Parameter], max_norm: float | None
     grads = [p for p in params.values() if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else math.inf)
-    return float(norm)
+    if not any(is_sharded(p) for p in grads):
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else math.inf))
+    # sharded gradients (FSDP2): each process holds a slice; the norm of the whole is a collective
+    sharded = [p.grad for p in grads if is_sharded(p)]
+    replicated = [p.grad for p in grads if not is_sharded(p)]
+    norms = [full_tensor(torch.nn.utils.get_total_norm(sharded)).float()]
+    if replicated:
+        norms.append(torch.nn.utils.get_total_norm(replicated).float().to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))  # [] as clip_grad_norm_ computes it
+    if max_norm:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()  # clip_grad_norm_'s coefficient
+        for p in grads:
+            p.grad.mul_(coef)
+    return float(total)
 
 
 class EMA:

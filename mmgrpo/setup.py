@@ -25,12 +25,13 @@ from mmgrpo import checkpoint, tracking
 from mmgrpo.checkpoint import TrainState
 from mmgrpo.config import Config, ConfigError, from_dict, load_config, resolve_horizon, resume_config, validate
 from mmgrpo.data import PromptOrder, load_prompts
-from mmgrpo.distributed import Collective, local_runs
+from mmgrpo.distributed import Collective, batched_runs, local_runs
 from mmgrpo.optim import build_optimizer, horizon_warning, trainable_weights
 from mmgrpo.protocols import Adapter
 from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
 from mmgrpo.rundir import RunDir, check_out, check_resumable, default_out
 from mmgrpo.scoring import reward_functions
+from mmgrpo.sharding import fsdp_requested
 
 
 @dataclass
@@ -90,6 +91,10 @@ def prepare(
     adapter = adapter if adapter is not None else build_adapter(cfg)
     if hasattr(adapter, "to"):
         adapter.to(device)
+    if fsdp_requested() and comm.world_size > 1:  # launched with an FSDP accelerate config: shard the weights
+        check_sampling_calls(cfg, comm.world_size)
+        shard_adapter(adapter, cfg.train.mixed_precision)
+        comm.sharded = True
     reward_fns, weights = reward_functions(cfg.rewards, rewards)
     primary = cfg.eval.primary or next(iter(reward_fns))
     if primary not in reward_fns:
@@ -156,6 +161,28 @@ def build_adapter(cfg: Config) -> Adapter:
         return cls(**expand_assets(cfg.pipeline.kwargs))
     except ModuleNotFoundError as e:
         raise missing_dependency("pipeline", cfg.pipeline.name, e) from None
+
+
+def shard_adapter(adapter: Adapter, mixed_precision: str) -> None:
+    """Shard the adapter's trained module (and its full-FT reference) over the processes (sharding.py)."""
+    if not hasattr(adapter, "shard"):
+        raise ConfigError(
+            f"{type(adapter).__name__} cannot be sharded: it has no shard() method (adapters built on "
+            "pipelines.toolkit.TunedAdapter have one); launch it without an FSDP accelerate config"
+        )
+    adapter.shard(mixed_precision)
+
+
+def check_sampling_calls(cfg: Config, world_size: int) -> None:
+    """With sharded weights every process must make the same number of sample() calls per round."""
+    calls = {len(batched_runs(local_runs(cfg.train.prompts_per_step, cfg.train.group_size, world_size, r)))
+             for r in range(world_size)}
+    if len(calls) > 1:
+        raise ConfigError(
+            f"with sharded weights every process must sample in as many calls as the others, but "
+            f"train.prompts_per_step={cfg.train.prompts_per_step} x train.group_size={cfg.train.group_size} over "
+            f"{world_size} processes needs {sorted(calls)}: make prompts_per_step a multiple of {world_size}"
+        )
 
 
 def check_before_run(

@@ -100,6 +100,7 @@ def run_job(job: Job, progress: bool) -> RunResult:
             adapter.begin_step(state.step, cfg.train.seed)
         rollout, stats = collect_rollout(adapter, reward_fns, weights, job.train_prompts, state.order,
                                         state.generator, cfg, comm)
+        padding = stats.pop("padding_rows")  # rows that only keep sharded processes in step
         t_train = time.perf_counter()
         rollouts = iteration_rollouts(adapter, rollout, cfg.train.num_iterations, state.generator, comm.autocast)
         for iteration in range(cfg.train.num_iterations):
@@ -116,6 +117,7 @@ def run_job(job: Job, progress: bool) -> RunResult:
                 step_chunk=cfg.train.step_chunk,
                 comm=comm,
                 autocast=comm.autocast,
+                padding_rows=padding,
             )
             comm.mean_gradients(list(params.values()))
             grad_norm = clip_gradients(params, cfg.optim.grad_clip)
@@ -211,7 +213,7 @@ def collect_rollout(
         if not cfg.train.dynamic_sampling or len(kept_groups) >= B:
             break
     all_rewards, all_groups, owner = torch.cat(global_rewards), torch.cat(global_groups), torch.cat(owners)
-    local = Rollout.concat(local_parts)
+    local = sampled = Rollout.concat(local_parts)
     if cfg.train.dynamic_sampling:
         stats["dynamic/rounds"] = len(local_parts)
         stats["dynamic/kept_groups"] = min(len(kept_groups), B)
@@ -233,15 +235,32 @@ def collect_rollout(
     mine = owner == comm.rank  # [N]
     local.advantages = adv.advantages[mine]
     local.keep = adv.keep[mine]
+    padding = 0
+    if comm.sharded:  # sharded weights: every process must run as many forwards as the others
+        padding = int(comm.gather(torch.tensor([len(local)])).max()) - len(local)
+        local = pad_rows(local, sampled, padding)
     stats.update(
         {
             "advantage/abs_mean": adv.advantages[adv.keep].abs().mean().item() if adv.keep.any() else 0.0,
             "rows": int(adv.keep.sum()),
+            "padding_rows": padding,
             "time/sample": t_sample,
             "time/reward": t_reward,
         }
     )
     return local, stats
+
+
+def pad_rows(local: Rollout, spare: Rollout, count: int) -> Rollout:
+    """`local` with `count` rows of `spare` appended that weigh nothing (keep False, advantage 0).
+
+    Dynamic sampling keeps a different number of rows on each process; with sharded weights each
+    process must still make the same forward calls, so the shorter ones train on padding."""
+    if count == 0:
+        return local
+    pad = spare.select(torch.arange(count) % len(spare))
+    pad.advantages, pad.keep = torch.zeros(count), torch.zeros(count, dtype=torch.bool)
+    return Rollout.concat([local, pad])
 
 
 # ------------------------------------------------------------------------------- the update
@@ -274,12 +293,15 @@ def accumulate_gradients(
     step_chunk: int | None = None,
     comm: Collective | None = None,
     autocast: Callable[[], Any] = nullcontext,
+    padding_rows: int = 0,
 ) -> dict[str, float]:
     """Backpropagate one optimizer step's loss over micro-batches and chunks of decision steps.
 
     The loss is sum(weights * per-step loss) (see losses.aggregation_weights), so it is the same
     whatever micro_batch_size and step_chunk are (bnpo aside). Gradients accumulate into .grad;
-    returns the loss value and statistics over the active steps.
+    returns the loss value and statistics over the active steps. padding_rows: the last rows only
+    keep this process's forwards in step with the others (pad_rows); they are not counted.
+    With sharded weights every process scores the same chunks of steps (the union of theirs).
     """
     comm = comm or Collective()
     n, T = rollout.log_probs.shape
@@ -287,11 +309,15 @@ def accumulate_gradients(
     advantages = rollout.advantages if rollout.advantages is not None else torch.zeros(n)
     mask = rollout.mask.bool() & keep[:, None]  # [n, T]
     micro_batch = torch.arange(n) // micro_batch_size  # [n]
+    num_mb = int(micro_batch[-1]) + 1 if n else 0
+    active = torch.zeros(num_mb, T).index_add_(0, micro_batch, mask.float()) > 0  # [num_mb, T] steps to score
+    if comm.sharded:
+        active = comm.gather(active[None].to(torch.uint8)).any(0)  # [num_mb, T] the same on every process
     weights = aggregation_weights(
         mask,
         loss_cfg.aggregation,
         micro_batch=micro_batch,
-        num_rows_global=int(comm.sum(n)),
+        num_rows_global=int(comm.sum(n - padding_rows)),
         num_steps_global=comm.sum(mask.sum().item()),
         world_size=comm.world_size,
     )  # [n, T]
@@ -301,11 +327,11 @@ def accumulate_gradients(
         rows = torch.arange(start, min(start + micro_batch_size, n))
         sub = rollout.select(rows)
         sub_mask = mask[rows]  # [m, T]
-        active = torch.nonzero(sub_mask.any(0)).squeeze(-1).tolist()  # steps any row here trains
+        steps_here = torch.nonzero(active[start // micro_batch_size]).squeeze(-1).tolist()
         if loss_cfg.ratio == "sequence" or not step_chunk:
-            chunks = [active] if active else []
+            chunks = [steps_here] if steps_here else []
         else:
-            chunks = [active[i : i + step_chunk] for i in range(0, len(active), step_chunk)]
+            chunks = [steps_here[i : i + step_chunk] for i in range(0, len(steps_here), step_chunk)]
         for steps in chunks:
             with autocast():
                 scores = _as_step_scores(adapter.log_prob(sub, steps))

@@ -158,6 +158,7 @@ class Finetuning:
             if keep_reference:  # costs one more copy of the weights
                 self._reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
         self.active = self.model
+        self.sharded = False  # set by shard(): the weights are DTensors split over the processes
 
     def _attach_lora(self, rank: int, alpha: float, dropout: float, targets: Sequence[str], frozen: Sequence[str]):
         from peft import LoraConfig, get_peft_model
@@ -206,6 +207,16 @@ class Finetuning:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(flags[name])
 
+    def shard(self, mixed_precision: str = "no") -> None:
+        """Shard the trained module, and the frozen reference copy of full fine-tuning, over the processes
+        (FSDP2, mmgrpo.sharding.shard_module; in place, so the adapter's references stay valid)."""
+        from mmgrpo.sharding import shard_module
+
+        shard_module(self.model, mixed_precision)
+        if self._reference_copy is not None:
+            shard_module(self._reference_copy, mixed_precision)
+        self.sharded = True
+
     def to(self, device: str | torch.device) -> "Finetuning":
         self.model.to(device)
         if self._reference_copy is not None:
@@ -231,6 +242,10 @@ class TunedAdapter:
         """The frozen reference policy inside: log_prob scores with it; trainable weights are untouched."""
         with self.tuning.reference():
             yield self
+
+    def shard(self, mixed_precision: str = "no") -> None:
+        """Shard the tuned module over the processes (FSDP2; the trainer calls it under an FSDP launch)."""
+        self.tuning.shard(mixed_precision)
 
     def to(self, device: str | torch.device) -> Any:
         self.tuning.to(device)

@@ -13,6 +13,7 @@ import torch
 
 from mmgrpo.pipelines.toy import ToyAdapter, toy_prompts
 from mmgrpo.rollout import Rollout
+from mmgrpo.sharding import full_tensor
 from mmgrpo.trainer import train
 
 
@@ -60,8 +61,9 @@ def main(out: Path, prompts_per_step: int, group_size: int) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     (out / f"seeds_rank{rank}.json").write_text(json.dumps(
         {"world": world, "seeds": sorted(adapter.seen_seeds), "first_scored": adapter.first_scored}))
+    weights = {k: full_tensor(v.detach()) for k, v in adapter.trainable_parameters().items()}  # a collective
     if rank == 0:
-        torch.save({k: v.detach() for k, v in adapter.trainable_parameters().items()}, out / "weights.pt")
+        torch.save(weights, out / "weights.pt")
         (out / "losses.json").write_text(json.dumps([m["loss"] for m in result.metrics]))
 
 
