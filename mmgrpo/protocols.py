@@ -48,7 +48,7 @@ class Adapter(Protocol):
     - `scores_all_steps_at_once: bool` (attribute): True where one forward scores every step,
       which a sequence-level ratio (loss.ratio=sequence, GSPO) needs.
     - `sampler_state() -> Any` and `load_sampler_state(state) -> None`: sampler state beyond the
-      trainer's RNG (for example a rotating SDE window), JSON data; saved in every checkpoint
+      trainer's RNG, JSON data; saved in every checkpoint
       (adapter.json) and handed back on resume, so a resumed run samples exactly as an uninterrupted one.
     - `begin_step(step, seed) -> None`: called on every process before the rollouts of training step
       `step` (0-based; every dynamic-sampling round of that step follows the same call), with the run's
