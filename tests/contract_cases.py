@@ -121,9 +121,10 @@ def speech_case() -> ContractCase:
 _TINY_MDLM: dict[str, Any] = {}
 
 
-def mdlm_case(estimator: str) -> ContractCase:
+def mdlm_case(estimator: str, **options: Any) -> ContractCase:
     """Tiny random BertForMaskedLM with a character tokenizer, fully fine-tuned, sampled by the masked-diffusion
-    sampler; the reward is the share of the digit "1" in the completion, which a few steps can raise."""
+    sampler; the reward is the share of the digit "1" in the completion, which a few steps can raise.
+    options: more adapter options (the learned Co-GRPO schedule)."""
     import tempfile
 
     from mmgrpo.pipelines.mdlm import MaskedDiffusionAdapter
@@ -133,7 +134,7 @@ def mdlm_case(estimator: str) -> ContractCase:
         _TINY_MDLM["path"] = build_tiny_mdlm(tempfile.mkdtemp(prefix="mmgrpo-contract-") + "/mdlm", hidden=32,
                                              layers=1, heads=2)  # fmt: skip
     adapter = MaskedDiffusionAdapter(_TINY_MDLM["path"], finetune="full", gen_length=6, block_length=3, steps=4,
-                                     estimator=estimator, mc_samples=3)  # fmt: skip
+                                     estimator=estimator, mc_samples=3, **options)  # fmt: skip
 
     def share_of_ones(samples, prompts, **_):
         return [s["tokens"].count("1") / 6 for s in samples]
@@ -151,6 +152,7 @@ CASES: dict[str, Callable[[], ContractCase]] = {
     "flow-speech": speech_case,
     "flow-wan": lambda: _flow_case("wan"),
     "mdlm-d1": lambda: mdlm_case("d1"),
+    "mdlm-d1-schedule": lambda: mdlm_case("d1", learn_schedule=True, schedule_lr_scale=1.0),
     "mdlm-bgpo": lambda: mdlm_case("bgpo"),
     "mdlm-elbo": lambda: mdlm_case("elbo"),
     "mdlm-trajectory": lambda: mdlm_case("trajectory"),

@@ -25,6 +25,13 @@ position ids needed from the model). What one decision step is depends on `estim
           [j*shrinkage, (j+1)*shrinkage) given the canvas the sampler saw at step j*shrinkage, at the
           sampling temperature (so the on-policy ratio is exact); extras temperature [N].
 
+Co-GRPO (`learn_schedule=true`, schedule.py): each row draws its own per-step temperature and unmask fraction
+from a learnable schedule; one more decision step per sampler step (the draw's log-density, appended after the
+estimator's T columns) trains the schedule with the same clipped loss; its parameters are trainable weights
+(schedule.*), so they are checkpointed; evaluation samples at the schedule's means. Extras schedule_log_temperature,
+schedule_fraction_logit [N, S] and schedule_active [N, S] bool; samples also carry each step's "temperature" and
+"fraction". Not with the trajectory estimator (its per-step scoring temperature would follow the draw) or threshold.
+
 Rollout extras: prompt_ids (list of [P_i] long), completion_ids [N, Lc], commit_step [N, Lc] (the
 sampler step at which each token was committed), d1_prompt_mask (list of [P_i] bool) or elbo_masks
 [N, K, Lc] bool. Samples are dicts {"text", "tokens", "steps", "tokens_per_forward"}: the text up to the first
@@ -36,9 +43,10 @@ inline (samples/<tag>.jsonl), and the demo colours each token by its step.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -56,6 +64,7 @@ from mmgrpo.pipelines.mdlm.estimators import (
     trajectory_terms,
 )
 from mmgrpo.pipelines.mdlm.sampler import REMASKING, block_schedule, denoise
+from mmgrpo.pipelines.mdlm.schedule import LearnedSchedule
 from mmgrpo.pipelines.toolkit import Finetuning, TunedAdapter, not_loadable, options_from, parse_dtype, prompt_text
 from mmgrpo.rollout import Rollout
 
@@ -92,6 +101,9 @@ class MDLMOptions:
     mc_samples: int = 4  # elbo / bgpo: Monte Carlo samples per row (= T)
     antithetic: bool = False  # elbo / bgpo: MC samples in pairs of levels k and L + 1 - k over one order
     shrinkage: int = 1  # trajectory: consecutive sampler steps merged into one decision
+    learn_schedule: bool = False  # Co-GRPO: per-step temperature and unmask fraction drawn and trained (schedule.py)
+    schedule_std: float = 0.3  # std of the schedule's Gaussian draws (log-temperature, fraction logit)
+    schedule_lr_scale: float = 100.0  # the schedule's means move about lr * this per optimizer step
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -119,6 +131,10 @@ class MDLMOptions:
             raise ValueError("estimator 'trajectory' scores each sampler step at the sampling temperature: it needs "
                              "temperature > 0 and threshold unset (a fixed number of steps)")
         block_schedule(self.gen_length, self.block_length or self.gen_length, self.steps)  # a bad split fails here
+        if self.learn_schedule and (self.estimator == "trajectory" or self.threshold is not None
+                                    or self.temperature <= 0 or self.eval_steps not in (None, self.steps)):
+            raise ValueError("learn_schedule draws each step's temperature and unmask fraction: it needs estimator "
+                             "d1, elbo or bgpo, threshold unset, temperature > 0 and eval_steps unset")  # fmt: skip
         if self.eval_steps is not None:
             block_schedule(self.gen_length, self.block_length or self.gen_length, self.eval_steps)
         parse_dtype(self.dtype)
@@ -145,10 +161,28 @@ class MaskedDiffusionAdapter(TunedAdapter):
             lora_dropout=options.lora_dropout, lora_target_modules=options.lora_target_modules,
             keep_reference=options.keep_reference,
         )  # fmt: skip
+        plan = block_schedule(options.gen_length, options.block_length or options.gen_length, options.steps)
+        self.schedule = LearnedSchedule(plan, options.temperature, options.schedule_std, options.schedule_lr_scale
+                                        ).to(self.device) if options.learn_schedule else None  # fmt: skip
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The model's trainable weights, and the learned schedule's means (schedule.*) when it is on."""
+        schedule = {} if self.schedule is None else {f"schedule.{k}": p for k, p in self.schedule.named_parameters()}
+        return {**self.tuning.trainable_parameters(), **schedule}
+
+    @contextmanager
+    def reference(self) -> Iterator["MaskedDiffusionAdapter"]:
+        """The frozen reference: the model's (LoRA off, or the frozen copy) and the starting schedule."""
+        with self.tuning.reference(), (self.schedule.reference() if self.schedule is not None else nullcontext()):
+            yield self
+
+    def _moved(self, device: torch.device) -> None:
+        if self.schedule is not None:
+            self.schedule.to(device)
 
     @property
     def scores_all_steps_at_once(self) -> bool:
@@ -199,12 +233,16 @@ class MaskedDiffusionAdapter(TunedAdapter):
         completion = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
         commit_step = torch.empty(len(rows), Lc, dtype=torch.long)  # [N, Lc]
         forwards = torch.empty(len(rows), dtype=torch.long)  # [N]
+        draws, plan = self._schedule_plan(len(rows), generator, evaluate)
+        active = torch.zeros(len(rows), 0 if plan is None else self.schedule.slots, dtype=torch.bool)  # [N, S]
         for length, members in _by_length([encoded[b] for b in rows]).items():
             prompt = torch.stack([encoded[rows[r]] for r in members])  # [m, P]
             canvas = torch.cat([prompt, torch.full((len(members), Lc), self.mask_id)], dim=1)  # [m, P + Lc]
             done = denoise(self.logits, canvas.to(self.device), Lc, self.mask_id, generator,
                            block_length=o.block_length, steps=steps, temperature=temperature,
-                           remasking=o.remasking, threshold=o.threshold)  # fmt: skip
+                           remasking=o.remasking, threshold=o.threshold, plan=_rows_of(plan, members))  # fmt: skip
+            if done.active is not None:
+                active[members] = done.active.cpu()
             completion[members] = done.canvas[:, length:].cpu()
             commit_step[members] = done.commit_step.cpu()
             forwards[members] = done.row_forwards.cpu()
@@ -223,10 +261,19 @@ class MaskedDiffusionAdapter(TunedAdapter):
             extras["elbo_masks"] = draw(len(rows), o.mc_samples, Lc, generator)  # [N, K, Lc]
             if o.estimator == "bgpo":
                 extras["elbo_old"] = torch.zeros(mask.shape)  # [N, K], filled below
+        if draws is not None:  # Co-GRPO: the schedule's draws are the row's last decision steps
+            extras.update(schedule_log_temperature=draws[0].cpu(), schedule_fraction_logit=draws[1].cpu(),
+                          schedule_active=active)  # fmt: skip
+        mask = torch.cat([mask, active], dim=1)  # [N, T + S]
+        records = [self._sample_record(completion[r], commit_step[r], int(forwards[r])) for r in range(len(rows))]
+        if plan is not None:
+            for r, record in enumerate(records):
+                temperature_r = plan.temperature[r].tolist() if torch.is_tensor(plan.temperature) else plan.temperature
+                record.update(temperature=temperature_r, fraction=plan.fraction[r].tolist())
         rollout = Rollout(
             group_id=torch.arange(len(prompts)).repeat_interleave(G),  # [N]
             prompts=[prompts[b] for b in rows],
-            samples=[self._sample_record(completion[r], commit_step[r], int(forwards[r])) for r in range(len(rows))],
+            samples=records,
             log_probs=torch.zeros(mask.shape),  # [N, T] filled below
             mask=mask,
             extras=extras,
@@ -237,6 +284,16 @@ class MaskedDiffusionAdapter(TunedAdapter):
             rollout.extras["elbo_old"] = self._elbo(rollout).float().cpu()  # [N, K]
         rollout.log_probs = self.log_prob(rollout).float().cpu()  # [N, T]
         return rollout
+
+    def _schedule_plan(self, rows: int, generator: torch.Generator, evaluate: bool) -> tuple[Any, Any]:
+        """(draws, StepPlan) of the learned schedule for `rows` rows: fresh draws when training, the means when
+        evaluating (at eval_temperature when set); (None, None) without one."""
+        if self.schedule is None:
+            return None, None
+        if evaluate:
+            return None, self.schedule.median_plan(rows, self.options.eval_temperature)
+        draws = self.schedule.draw(rows, generator)  # [N, S] x2
+        return draws, self.schedule.plan(*draws)
 
     def _prompt_masks(self, prompt_ids: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """d1: one fresh prompt mask per row, drawn in row order."""
@@ -256,6 +313,21 @@ class MaskedDiffusionAdapter(TunedAdapter):
     def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:
         """The estimator's per-step log-probs [n, len(steps)] fp32 under the current weights (with gradients)."""
         steps = list(range(rollout.num_steps)) if steps is None else [int(s) for s in steps]
+        if self.schedule is None:
+            return self._estimator_log_prob(rollout, steps)
+        first = rollout.num_steps - self.schedule.slots  # the schedule's columns come after the estimator's
+        own, slots = [s for s in steps if s < first], [s - first for s in steps if s >= first]
+        extras = rollout.extras
+        scheduled = self.schedule.log_prob(extras["schedule_log_temperature"], extras["schedule_fraction_logit"],
+                                           extras["schedule_active"], slots)  # [n, len(slots)]
+        if not own:
+            return scheduled
+        columns = torch.cat([self._estimator_log_prob(rollout, own), scheduled], dim=1)  # [n, len(steps)]
+        order = [i for i, s in enumerate(steps) if s < first] + [i for i, s in enumerate(steps) if s >= first]
+        return columns[:, torch.tensor(order).argsort().to(columns.device)]
+
+    def _estimator_log_prob(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
+        """The estimator's log-probs [n, len(steps)] of its own decision steps `steps`."""
         if self.options.estimator == "d1":
             return self._d1(rollout, steps)
         if self.options.estimator == "trajectory":
@@ -332,6 +404,14 @@ class MaskedDiffusionAdapter(TunedAdapter):
         extras = {**rollout.extras, "d1_prompt_mask": self._prompt_masks(rollout.extras["prompt_ids"], generator)}
         fresh = replace(rollout, extras=extras)
         return replace(fresh, log_probs=self.log_prob(fresh).float().cpu())  # [N, T]
+
+
+def _rows_of(plan: Any, members: list[int]) -> Any:
+    """The StepPlan of rows `members` (None stays None)."""
+    if plan is None:
+        return None
+    temperature = plan.temperature[members] if torch.is_tensor(plan.temperature) else plan.temperature
+    return replace(plan, temperature=temperature, fraction=plan.fraction[members])
 
 
 def _by_length(prompt_ids: Sequence[torch.Tensor]) -> dict[int, list[int]]:
