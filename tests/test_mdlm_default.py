@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from mmgrpo.assets import asset_path  # noqa: E402
-from mmgrpo.config import load_config  # noqa: E402
+from mmgrpo.config import config_dir, load_config  # noqa: E402
 from mmgrpo.data import load_prompts  # noqa: E402
 from mmgrpo.pipelines.mdlm import MaskedDiffusionAdapter  # noqa: E402
 from mmgrpo.pretrain import mdlm as build  # noqa: E402
@@ -72,3 +72,17 @@ def test_train_modality_mdlm_runs(tmp_path):
     assert len(result.metrics) == 2 and "reward/reasoning_accuracy/mean" in result.eval["after"]
     gallery = [json.loads(line) for line in (tmp_path / "run" / "samples" / "after.jsonl").read_text().splitlines()]
     assert {"text", "tokens", "steps"} <= set(gallery[0]["sample"])  # text with its unmasking order
+
+
+def test_the_lightning_config_trains_on_accuracy_and_speed_normalised_apart(tmp_path):
+    """configs/mdlm-lightning.yaml: accuracy + tokens per forward (threshold sampling, so the speed varies), each
+    normalised within its group (advantage.combine normalize_then_sum), trains the embedded model."""
+    cfg = load_config(config_dir() / "mdlm-lightning.yaml")
+    assert [r.name for r in cfg.rewards] == ["reasoning_accuracy", "tokens_per_forward"]
+    assert cfg.advantage.combine == "normalize_then_sum" and cfg.pipeline.kwargs["threshold"] == 0.9
+    overrides = [o for o in FAST if not o.startswith("train.group_size")] + ["train.group_size=4"]
+    result = train(cfg, overrides=overrides, out=tmp_path / "run", progress=False)
+    assert len(result.metrics) == 2
+    speeds = [m["reward/tokens_per_forward/mean"] for m in result.metrics]
+    assert all(s > 1.0 for s in speeds)  # 16 tokens in fewer than 16 forwards: several tokens per forward
+    assert any(m["advantage/abs_mean"] > 0 and m["grad_norm"] > 0 for m in result.metrics)
