@@ -182,3 +182,19 @@ def test_sharding_mode_of_an_accelerator(monkeypatch):
     assert sharding_mode(acc("MULTI_CPU")) == "fsdp2" and sharding_mode(acc("NO", 1)) == "single"
     with pytest.raises(ValueError, match="unknown sharding mode 'zero4'"):
         estimate_memory(inventory(torch.nn.Linear(2, 2)), "zero4")
+
+
+def test_benchmark_policy_rescoring_matches_sampling_and_its_reward_has_a_known_best():
+    from mmgrpo.bench.block_policy import BlockPolicy, next_token_reward, prompt_ids
+
+    torch.manual_seed(0)
+    policy = BlockPolicy(vocab=8, tokens=4, hidden=16, heads=2, layers=2)
+    rollout = policy.sample(["a", "b"], 3, torch.Generator().manual_seed(0))
+    assert rollout.log_probs.shape == (6, 4) and rollout.group_id.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(policy.log_prob(rollout), rollout.log_probs)
+    torch.testing.assert_close(policy.log_prob(rollout, [1, 3]), rollout.log_probs[:, [1, 3]])
+    best = ((prompt_ids("a", 8, 4) + 1) % 8).tolist()
+    assert next_token_reward([best, [(t + 1) % 8 for t in best]], ["a", "a"], vocab=8) == [1.0, 0.0]
+    shape = policy.activation_shape()
+    assert (shape.tokens, shape.hidden, shape.heads, shape.layers) == (4, 16, 2, 2)
+    assert inventory(policy.model).largest_block_bytes == tensor_bytes(policy.model.blocks[0].parameters())
