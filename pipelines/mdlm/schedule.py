@@ -23,9 +23,12 @@ weights under one learning rate. A gradient hook divides theta's gradient by `sc
 means' units and global gradient-norm clipping sees it at its natural size, not `scale` times larger.
 The reference policy (KL) is the starting schedule.
 
-Where this differs from Co-GRPO: the paper works on image MDMs (MaskGIT-style), and its schedule
-parametrisation and exploration differ in detail; here the std is fixed (not learned), the model and the
-schedule update together in every step (one optimizer), and each row draws its own schedule.
+What was taken from Co-GRPO (its abstract and project page; the method section could not be read here): the
+schedule actions (sampling temperature and re-mask ratio per step), one shared trajectory-level reward, GRPO
+over the joint MDP without backpropagation through the rollout. Their exact distribution over schedules, and
+how they explore and alternate the two updates, are not reproduced: the choices here are a fixed std (not
+learned), the model and the schedule updated together in every step by one optimizer, each row drawing its
+own schedule, and text MDMs (the paper's are image MDMs).
 """
 
 from __future__ import annotations
