@@ -198,3 +198,30 @@ def test_benchmark_policy_rescoring_matches_sampling_and_its_reward_has_a_known_
     shape = policy.activation_shape()
     assert (shape.tokens, shape.hidden, shape.heads, shape.layers) == (4, 16, 2, 2)
     assert inventory(policy.model).largest_block_bytes == tensor_bytes(policy.model.blocks[0].parameters())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+def test_flow_activation_shape_is_the_sequence_the_blocks_see(family):
+    pytest.importorskip("diffusers")
+    from mmgrpo.pipelines.flow import FlowAdapter
+    from mmgrpo.pipelines.flow.tiny import TEXT_LEN, tiny_pipeline
+
+    size = dict(height=16, width=16, num_frames=5) if family == "wan" else dict(height=16, width=16)
+    adapter = FlowAdapter(tiny_pipeline(family), num_steps=4, window=2, max_sequence_length=TEXT_LEN,
+                          guidance_scale=2.0 if family != "flux" else 1.0, **size)  # fmt: skip
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states") if family != "wan" else None  # Wan: text by cross-attention
+        seen.append((hidden.shape[0], hidden.shape[1] + (text.shape[1] if text is not None else 0), hidden.shape[-1]))
+
+    blocks = adapter.model.transformer_blocks if family != "wan" else adapter.model.blocks
+    blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    adapter.sample(["a red circle"], 1, torch.Generator().manual_seed(0))
+    shape = adapter.activation_shape()
+    rows, tokens, hidden = seen[0]
+    assert (shape.tokens, shape.hidden) == (tokens, hidden)
+    assert shape.rows_per_sample == rows  # CFG: conditional and unconditional rows in one forward
+    assert shape.forwards == 2 and shape.layers == adapter.model.config.num_layers + getattr(
+        adapter.model.config, "num_single_layers", 0)

@@ -276,6 +276,21 @@ class FlowAdapter(TunedAdapter):
         std = std.index_put((rows, cols), out.std)  # [n, S, 1, ...]
         return StepScores(log_probs, mean, std, step_size)
 
+    def activation_shape(self) -> Any:
+        """One training forward of the velocity model for mmgrpo.memory: its sequence, width and depth, the
+        trained steps of a row (one forward each) and 2 rows per sample under CFG; None for an unknown family."""
+        from mmgrpo.memory import ActivationShape
+
+        config, tokens = self.family.model.config, self.family.sequence_tokens()
+        if tokens is None or not hasattr(config, "num_attention_heads"):
+            return None
+        layers = config.num_layers + getattr(config, "num_single_layers", 0)  # FLUX: double + single blocks
+        return ActivationShape(
+            tokens, config.num_attention_heads * config.attention_head_dim, config.num_attention_heads, layers,
+            forwards=len(plan_window(self.options.window_spec(), 0, 0).trained), rows_per_sample=2 if self._cfg else 1,
+            checkpointed=self.options.gradient_checkpointing,
+        )  # fmt: skip
+
     def begin_step(self, step: int, seed: int) -> None:
         """Before the rollouts of training `step` (the trainer calls it on every process): the SDE window
         of every training sample() until the next call derives from (step, seed) alone (window.py)."""

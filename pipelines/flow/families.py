@@ -61,6 +61,11 @@ class Family(ABC):
         for module in self.frozen_modules():
             module.to(device)
 
+    def sequence_tokens(self) -> int | None:
+        """Tokens of one forward's self-attention sequence (latent patches + joint text), for the memory
+        estimate (mmgrpo.memory); None where the family does not know."""
+        return None
+
     def enable_gradient_checkpointing(self) -> None:
         if not hasattr(self.model, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(self.model).__name__} has no enable_gradient_checkpointing(): "
@@ -201,6 +206,12 @@ class SD3Family(DiffusersFamily):
         c = self.pipe.transformer.config.in_channels
         return self.pipe.prepare_latents(n, c, self.height, self.width, torch.float32, device, generator)  # [n, C, h, w]
 
+    def sequence_tokens(self) -> int:
+        p, f = self.pipe.transformer.config.patch_size, self.pipe.vae_scale_factor
+        clip = getattr(self.pipe, "tokenizer_max_length", 77)  # without T5, diffusers pads with clip-length zeros
+        t5 = self.max_sequence_length if getattr(self.pipe, "text_encoder_3", None) is not None else clip
+        return (self.height // f // p) * (self.width // f // p) + clip + t5  # latent patches, then CLIP + T5 text
+
     def scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
         config = self.pipe.scheduler.config
         if not config.get("use_dynamic_shifting", False):
@@ -253,6 +264,9 @@ class FluxFamily(DiffusersFamily):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma  # [m] FLUX takes t / 1000 = sigma
 
+    def sequence_tokens(self) -> int:
+        return (self.latent_h // 2) * (self.latent_w // 2) + self.max_sequence_length  # packed 2x2 patches + T5
+
     def forward(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         img_ids = self.pipe._prepare_latent_image_ids(1, self.latent_h // 2, self.latent_w // 2, x.device, x.dtype)
         guidance = None
@@ -286,6 +300,11 @@ class WanFamily(DiffusersFamily):
         if self.height % (fs * p[1]) or self.width % (fs * p[2]):
             raise ValueError(f"Wan needs height and width divisible by {fs * p[1]}: got {self.height}x{self.width}")
         self._channels_last = False
+
+    def sequence_tokens(self) -> int:  # the text enters by cross-attention, outside the sequence
+        ft, fs = self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial
+        p = self.pipe.transformer.config.patch_size
+        return ((self.num_frames - 1) // ft + 1) // p[0] * (self.height // fs // p[1]) * (self.width // fs // p[2])
 
     def encode_texts(self, texts: list[str], device: torch.device) -> Conditions:
         pe, _ = self.pipe.encode_prompt(
