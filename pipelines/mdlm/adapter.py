@@ -197,10 +197,10 @@ class MaskedDiffusionAdapter(TunedAdapter):
                           schedule_active=active)  # fmt: skip
         mask = torch.cat([mask, active], dim=1)  # [N, T + S]
         records = [self._sample_record(completion[r], commit_step[r], int(forwards[r])) for r in range(len(rows))]
-        if plan is not None:
+        if plan is not None:  # each step's temperature and unmask fraction, beside the tokens and their steps
+            temperatures = torch.as_tensor(plan.temperature, dtype=torch.float32).expand(plan.fraction.shape)  # [N, S]
             for r, record in enumerate(records):
-                temperature_r = plan.temperature[r].tolist() if torch.is_tensor(plan.temperature) else plan.temperature
-                record.update(temperature=temperature_r, fraction=plan.fraction[r].tolist())
+                record.update(temperature=temperatures[r].tolist(), fraction=plan.fraction[r].tolist())
         rollout = Rollout(
             group_id=torch.arange(len(prompts)).repeat_interleave(G),  # [N]
             prompts=[prompts[b] for b in rows],
