@@ -34,7 +34,8 @@ Transformer Models", eq. 2): a transformer layer stores s*b*h*(34 + 5*a*s/h) byt
 b rows, h hidden, a heads); scaled by bytes_per_value / 2 for fp32. With full activation checkpointing
 each layer keeps only its 16-bit input, 2*s*b*h bytes, and backward recomputes one layer at a time, so
 one layer's full activations are added once. An adapter tells its shape through the optional method
-`activation_shape() -> ActivationShape | None`; without it the activations are "not estimated".
+`activation_shape(prompts) -> ActivationShape | None` (prompts: some of the run's training prompts, for
+adapters whose sequence length depends on them); without it the activations are "not estimated".
 """
 
 from __future__ import annotations
@@ -266,8 +267,12 @@ def _trained_and_frozen(adapter: Any) -> tuple[torch.nn.Module, torch.nn.Module 
     return adapter.tuning.model, getattr(adapter.tuning, "_reference_copy", None), others
 
 
-def estimate_for_run(adapter: Any, cfg: Any, world_size: int, mode: str) -> MemoryEstimate | None:
+def estimate_for_run(
+    adapter: Any, cfg: Any, world_size: int, mode: str, prompts: Sequence[Any] = ()
+) -> MemoryEstimate | None:
     """The estimate for a run's adapter (one with `tuning`, pipelines.toolkit.Finetuning) and config.
+
+    prompts: training prompts handed to the adapter's activation_shape (the longest sets the sequence length).
 
     None for an adapter without `tuning` (its weights are its own business: nothing is estimated).
     """
@@ -276,7 +281,7 @@ def estimate_for_run(adapter: Any, cfg: Any, world_size: int, mode: str) -> Memo
     trained, reference, others = _trained_and_frozen(adapter)
     inv = inventory(trained, reference, others)
     shape_of = getattr(adapter, "activation_shape", None)
-    shape = shape_of() if shape_of is not None else None
+    shape = shape_of(list(prompts)) if shape_of is not None else None
     if shape is not None and not isinstance(shape, ActivationShape):
         shape = ActivationShape(**dict(shape))
     if shape is not None and cfg.train.step_chunk and cfg.loss.ratio == "token":

@@ -144,7 +144,7 @@ def fake_adapter(shape=None):
     tuning = SimpleNamespace(model=torch.nn.Linear(32, 32), _reference_copy=None)
     adapter = SimpleNamespace(tuning=tuning, vae=torch.nn.Linear(4, 4))
     if shape is not None:
-        adapter.activation_shape = lambda: shape
+        adapter.activation_shape = lambda prompts: shape
     return adapter
 
 

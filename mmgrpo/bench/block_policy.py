@@ -78,7 +78,7 @@ class BlockPolicy(TunedAdapter):
         self.vocab, self.tokens, self.hidden, self.heads, self.layers = vocab, tokens, hidden, heads, layers
         self.tuning = Finetuning(BlockModel(vocab, tokens, hidden, heads, layers), "full", keep_reference=False)
 
-    def activation_shape(self) -> ActivationShape:
+    def activation_shape(self, prompts: Sequence[Any] = ()) -> ActivationShape:
         return ActivationShape(self.tokens, self.hidden, self.heads, self.layers)
 
     def _ids(self, prompts: Sequence[Any]) -> torch.Tensor:

@@ -87,7 +87,7 @@ def child(mode: str, size: dict[str, int], out: str) -> dict:
     world = job.comm.world_size
     if mode != "single" and world != 2:
         raise RuntimeError(f"the {mode} run needs 2 processes, got {world}")
-    estimate = estimate_for_run(adapter, job.cfg, world, mode)
+    estimate = estimate_for_run(adapter, job.cfg, world, mode, prompts[:8])
     measured: dict[str, int] = {}
 
     def begin_step(step: int, seed: int) -> None:

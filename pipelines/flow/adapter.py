@@ -276,9 +276,10 @@ class FlowAdapter(TunedAdapter):
         std = std.index_put((rows, cols), out.std)  # [n, S, 1, ...]
         return StepScores(log_probs, mean, std, step_size)
 
-    def activation_shape(self) -> Any:
-        """One training forward of the velocity model for mmgrpo.memory: its sequence, width and depth, the
-        trained steps of a row (one forward each) and 2 rows per sample under CFG; None for an unknown family."""
+    def activation_shape(self, prompts: Sequence[Any] = ()) -> Any:
+        """One training forward of the velocity model for mmgrpo.memory: its sequence (the same for every
+        prompt), width and depth, the trained steps of a row (one forward each) and 2 rows per sample under CFG;
+        None for a family that does not know its sequence."""
         from mmgrpo.memory import ActivationShape
 
         config, tokens = self.family.model.config, self.family.sequence_tokens()
