@@ -48,7 +48,7 @@ import torch
 
 __all__ = [
     "MODES", "ActivationShape", "MemoryEstimate", "ParameterInventory", "activation_bytes", "estimate_memory",
-    "estimate_for_run", "format_estimate", "inventory", "lora_parameter_count", "sharding_mode",
+    "estimate_for_run", "format_estimate", "inventory", "lora_parameter_count", "sharding_mode", "transformer_dims",
 ]  # fmt: skip
 
 # mode -> (trained weights sharded, gradients sharded, optimizer state sharded)
@@ -184,6 +184,18 @@ def lora_parameter_count(model: torch.nn.Module, targets: Sequence[str], rank: i
     names = lora_targets(model, targets, frozen_prefixes)
     count = sum(rank * (modules[n].in_features + modules[n].out_features) for n in names)
     return count, 2 * len(names)
+
+
+def transformer_dims(config: Any) -> tuple[int, int, int] | None:
+    """(hidden, heads, layers) of a transformers-style config (its text_config for a VLM), or of the OLMo-style
+    names LLaDA's remote code uses (d_model, n_heads, n_layers); None when the config has neither."""
+    config = getattr(config, "text_config", None) or config
+    names = (("hidden_size", "num_attention_heads", "num_hidden_layers"), ("d_model", "n_heads", "n_layers"))
+    for hidden, heads, layers in names:
+        values = [getattr(config, name, None) for name in (hidden, heads, layers)]
+        if all(isinstance(v, int) for v in values):
+            return values[0], values[1], values[2]
+    return None
 
 
 def activation_bytes(shape: ActivationShape, rows: int, bytes_per_value: int = 2) -> int:

@@ -225,3 +225,33 @@ def test_flow_activation_shape_is_the_sequence_the_blocks_see(family):
     assert shape.rows_per_sample == rows  # CFG: conditional and unconditional rows in one forward
     assert shape.forwards == 2 and shape.layers == adapter.model.config.num_layers + getattr(
         adapter.model.config, "num_single_layers", 0)
+
+
+def test_mdlm_activation_shape_is_the_canvas_it_scores(tmp_path):
+    pytest.importorskip("transformers")
+    from mmgrpo.pipelines.mdlm import MaskedDiffusionAdapter
+    from mmgrpo.pipelines.mdlm.tiny import build_tiny_mdlm
+
+    path = build_tiny_mdlm(str(tmp_path / "m"), hidden=16, layers=2, heads=2, max_length=64)
+    adapter = MaskedDiffusionAdapter(str(path), finetune="full", keep_reference=False, gen_length=8, steps=4)
+    prompts = ["A:12+3=", "A:1+1="]
+    seen = []
+    adapter.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    rollout = adapter.sample(prompts[:1], 2, torch.Generator().manual_seed(0))
+    seen.clear()
+    adapter.log_prob(rollout)
+    shape = adapter.activation_shape(prompts)
+    assert shape.tokens == seen[0] == len(adapter.encode(prompts[0])) + 8  # the longer prompt sets the canvas
+    assert (shape.hidden, shape.heads, shape.layers, shape.forwards) == (16, 2, 2, 1)  # d1: one forward
+    elbo = MaskedDiffusionAdapter(str(path), finetune="full", keep_reference=False, gen_length=8, steps=4,
+                                  estimator="elbo", mc_samples=3)  # fmt: skip
+    assert elbo.activation_shape(prompts).forwards == 3
+
+
+def test_transformer_dims_reads_transformers_llada_and_vlm_configs():
+    from mmgrpo.memory import transformer_dims
+
+    assert transformer_dims(SimpleNamespace(d_model=4096, n_heads=32, n_layers=32)) == (4096, 32, 32)  # LLaDA
+    text = SimpleNamespace(hidden_size=3584, num_attention_heads=28, num_hidden_layers=28)
+    assert transformer_dims(SimpleNamespace(text_config=text, hidden_size=1)) == (3584, 28, 28)  # a VLM's text model
+    assert transformer_dims(SimpleNamespace(vocab_size=3)) is None and transformer_dims(None) is None

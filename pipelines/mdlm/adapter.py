@@ -120,6 +120,20 @@ class MaskedDiffusionAdapter(TunedAdapter):
         """d1 and elbo score every step in one call (a sequence-level ratio works); bgpo's bound is per sample."""
         return self.options.estimator != "bgpo"
 
+    def activation_shape(self, prompts: Sequence[Any] = ()) -> Any:
+        """The canvas of a training forward for mmgrpo.memory: the longest of `prompts` plus gen_length tokens,
+        the model's width and depth, and the forwards a row's decisions take (d1: one; elbo, bgpo: one per MC
+        sample; trajectory: one per decision). None when the model's config names no transformer dims."""
+        from mmgrpo.memory import ActivationShape, transformer_dims
+
+        dims = transformer_dims(getattr(self.model, "config", None))
+        if dims is None:
+            return None
+        o = self.options
+        prompt = max((len(self.encode(p, i)) for i, p in enumerate(prompts)), default=0)
+        forwards = {"d1": 1, "elbo": o.mc_samples, "bgpo": o.mc_samples}.get(o.estimator, -(-o.steps // o.shrinkage))
+        return ActivationShape(prompt + o.gen_length, *dims, forwards=forwards)
+
     # ------------------------------------------------------------------ the model
     def logits(self, canvas: torch.Tensor) -> torch.Tensor:
         """Logits [n, L, V] of the running model (the reference inside reference()), banned tokens at -inf."""
