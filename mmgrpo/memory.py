@@ -125,13 +125,13 @@ def _bytes(params: Iterable[torch.Tensor]) -> int:
 
 
 def _blocks(module: torch.nn.Module, class_names: Sequence[str]) -> list[torch.nn.Module]:
-    """The outermost submodules whose class is named in class_names."""
+    """The outermost submodules whose class (or a base class: FSDP2's sharded FSDP<Block>) is named in class_names."""
     found: list[torch.nn.Module] = []
     inner: set[int] = set()
     for sub in module.modules():
         if id(sub) in inner:
             continue
-        if sub is not module and type(sub).__name__ in class_names:
+        if sub is not module and any(cls.__name__ in class_names for cls in type(sub).__mro__):
             found.append(sub)
             inner |= {id(m) for m in sub.modules()}
     return found

@@ -120,6 +120,8 @@ def test_transient_buffers_of_ddp_and_fsdp2():
     assert estimate_memory(inv, "fsdp2", 2).buffers == 3 * block + inv.outside_blocks_bytes
     model._no_split_modules = ["Block"]  # the wrap policy's default source, read by default here too
     assert inventory(model) == inv
+    model[0].__class__ = type("FSDPBlock", (Block,), {})  # what fully_shard makes of a block's class
+    assert inventory(model) == inv
 
 
 def test_zero_keeps_fp32_master_weights_of_16_bit_trainable_weights():
