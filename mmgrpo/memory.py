@@ -30,10 +30,18 @@ master copy. Under DeepSpeed with 16-bit trainable weights, ZeRO keeps fp32 mast
 moments instead: 12 bytes per weight (Rajbhandari et al. 2020, "ZeRO", K = 12).
 
 Activations per micro-batch follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models", eq. 2): a transformer layer stores s*b*h*(34 + 5*a*s/h) bytes at 16-bit (s tokens,
-b rows, h hidden, a heads); scaled by bytes_per_value / 2 for fp32. With full activation checkpointing
-each layer keeps only its 16-bit input, 2*s*b*h bytes, and backward recomputes one layer at a time, so
-one layer's full activations are added once. An adapter tells its shape through the optional method
+Transformer Models", sec. 4.1): a transformer layer stores s*b*h*(34 + 5*a*s/h) bytes at 16-bit (s tokens,
+b rows, h hidden, a heads) with dropout and the attention scores kept for backward. Term by term, 2*s*b*h of
+the 34 and 3*a*s^2*b of the 5*a*s^2*b are dropout masks and outputs, and the other 2*a*s^2*b the softmax
+output. Our adapters run their models in eval mode (no dropout) and through SDPA's fused attention, which
+recomputes the scores in backward instead of storing them: 32*s*b*h per layer, the default here (the saved
+tensors of mmgrpo.bench.block_policy's blocks match it, tests/test_memory.py). Scaled by bytes_per_value / 2
+for fp32. With full activation checkpointing each layer keeps only its input, 2*s*b*h bytes at 16-bit, and
+backward recomputes one layer at a time, so one layer's full activations are added once.
+
+The total adds activations to gradients: so it is when an optimizer step runs more than one backward
+(several micro-batches or step chunks, as the shipped configs do); a step with a single backward peaks lower,
+since activations are freed as gradients fill. An adapter tells its shape through the optional method
 `activation_shape(prompts) -> ActivationShape | None` (prompts: some of the run's training prompts, for
 adapters whose sequence length depends on them); without it the activations are "not estimated".
 """
@@ -93,6 +101,8 @@ class ActivationShape(NamedTuple):
     forwards: int = 1  # forwards per row whose graphs one backward holds (flow: decision steps per chunk)
     rows_per_sample: int = 1  # rows per sample in a forward (2 under classifier-free guidance)
     checkpointed: bool = False  # full activation checkpointing of every block
+    flash_attention: bool = True  # fused attention (SDPA): the a*s^2 scores are recomputed, not stored
+    dropout: bool = False  # dropout active in training forwards (the adapters run their models in eval mode)
 
 
 class MemoryEstimate(NamedTuple):
@@ -199,15 +209,18 @@ def transformer_dims(config: Any) -> tuple[int, int, int] | None:
 
 
 def activation_bytes(shape: ActivationShape, rows: int, bytes_per_value: int = 2) -> int:
-    """Activations one backward holds for `rows` samples (Korthikanti et al. 2022, eq. 2 per layer).
+    """Activations one backward holds for `rows` samples (Korthikanti et al. 2022, per layer; see the module doc).
 
-    >>> activation_bytes(ActivationShape(tokens=8, hidden=4, heads=2, layers=1), rows=1)  # 8*1*4*(34 + 5*2*8/4)
+    >>> paper = ActivationShape(tokens=8, hidden=4, heads=2, layers=1, flash_attention=False, dropout=True)
+    >>> activation_bytes(paper, rows=1)  # 8*1*4*(34 + 5*2*8/4)
     1728
     """
     s, h, a, L = shape.tokens, shape.hidden, shape.heads, shape.layers
     b = rows * shape.rows_per_sample * shape.forwards
     scale = bytes_per_value / 2
-    per_layer = s * b * h * (34 + 5 * a * s / h) * scale  # bytes of one layer's saved tensors
+    tensors = s * b * h * (34 if shape.dropout else 32)  # inputs of the linears, norms and activations (+ masks)
+    scores = 0 if shape.flash_attention else a * s * s * b * (5 if shape.dropout else 2)  # softmax (+ dropout)
+    per_layer = (tensors + scores) * scale  # bytes of one layer's saved tensors
     if not shape.checkpointed:
         return int(round(L * per_layer))
     return int(round(L * 2 * s * b * h * scale + per_layer / shape.forwards))  # inputs kept + one layer recomputed

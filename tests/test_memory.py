@@ -132,14 +132,39 @@ def test_zero_keeps_fp32_master_weights_of_16_bit_trainable_weights():
 
 
 def test_activation_formula_against_hand_computed_values():
-    shape = ActivationShape(tokens=16, hidden=8, heads=2, layers=3)
+    paper = ActivationShape(tokens=16, hidden=8, heads=2, layers=3, flash_attention=False, dropout=True)
     per_layer = 16 * 2 * 8 * (34 + 5 * 2 * 16 / 8)  # s b h (34 + 5 a s / h), b = 2 rows: 13824 bytes at 16-bit
     assert per_layer == 13824
-    assert activation_bytes(shape, rows=2) == 3 * 13824
-    assert activation_bytes(shape, rows=2, bytes_per_value=4) == 2 * 3 * 13824
-    assert activation_bytes(shape._replace(checkpointed=True), rows=2) == 3 * 2 * 16 * 2 * 8 + 13824
-    assert activation_bytes(shape._replace(rows_per_sample=2, forwards=3), rows=1) == 3 * 13824 * 3
-    assert activation_bytes(ActivationShape(8, 4, 2, 1), 1) == 1728
+    assert activation_bytes(paper, rows=2) == 3 * 13824
+    assert activation_bytes(paper, rows=2, bytes_per_value=4) == 2 * 3 * 13824
+    assert activation_bytes(paper._replace(checkpointed=True), rows=2) == 3 * 2 * 16 * 2 * 8 + 13824
+    assert activation_bytes(paper._replace(rows_per_sample=2, forwards=3), rows=1) == 3 * 13824 * 3
+    eager = paper._replace(dropout=False)  # no dropout masks or outputs: 32 s b h + 2 a s^2 b
+    assert activation_bytes(eager, rows=2) == 3 * (32 * 16 * 2 * 8 + 2 * 2 * 16 * 16 * 2)
+    assert activation_bytes(ActivationShape(16, 8, 2, 3), rows=2) == 3 * 32 * 16 * 2 * 8  # SDPA, eval: the default
+
+
+@pytest.mark.parametrize("tokens,hidden,heads,rows", [(16, 512, 8, 16), (128, 128, 4, 8), (96, 96, 4, 16)])
+def test_activation_formula_matches_what_autograd_saves(tokens, hidden, heads, rows):
+    from mmgrpo.bench.block_policy import BlockModel
+
+    torch.manual_seed(0)
+    model = BlockModel(vocab=32, tokens=tokens, hidden=hidden, heads=heads, layers=2)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:  # linears save their weights too: not activations
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = model.embed(torch.randint(32, (rows, tokens))) + model.position  # [b, s, h]
+        for block in model.blocks:
+            x = block(x)
+    expected = activation_bytes(ActivationShape(tokens, hidden, heads, 2), rows, bytes_per_value=4)
+    assert abs(sum(saved.values()) / expected - 1) < 0.02  # measured: within 0.6%
 
 
 def fake_adapter(shape=None):

@@ -282,7 +282,7 @@ class FlowAdapter(TunedAdapter):
         None for a family that does not know its sequence."""
         from mmgrpo.memory import ActivationShape
 
-        config, tokens = self.family.model.config, self.family.sequence_tokens()
+        config, tokens = getattr(self.family.model, "config", None), self.family.sequence_tokens()
         if tokens is None or not hasattr(config, "num_attention_heads"):
             return None
         layers = config.num_layers + getattr(config, "num_single_layers", 0)  # FLUX: double + single blocks
