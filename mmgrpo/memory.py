@@ -37,7 +37,9 @@ output. Our adapters run their models in eval mode (no dropout) and through SDPA
 recomputes the scores in backward instead of storing them: 32*s*b*h per layer, the default here (the saved
 tensors of mmgrpo.bench.block_policy's blocks match it, tests/test_memory.py). Scaled by bytes_per_value / 2
 for fp32. With full activation checkpointing each layer keeps only its input, 2*s*b*h bytes at 16-bit, and
-backward recomputes one layer at a time, so one layer's full activations are added once.
+backward recomputes one layer at a time, so one layer's full activations are added once. Language models add
+the log-softmax their loss saves over the LM head: rows x scored tokens x vocab x its bytes (Korthikanti et al.
+leave the output layer out).
 
 The total adds activations to gradients: so it is when an optimizer step runs more than one backward
 (several micro-batches or step chunks, as the shipped configs do); a step with a single backward peaks lower,
@@ -103,6 +105,9 @@ class ActivationShape(NamedTuple):
     checkpointed: bool = False  # full activation checkpointing of every block
     flash_attention: bool = True  # fused attention (SDPA): the a*s^2 scores are recomputed, not stored
     dropout: bool = False  # dropout active in training forwards (the adapters run their models in eval mode)
+    vocab: int = 0  # LM head width: the log-softmax over it is saved for backward (0: no LM head)
+    logit_tokens: int | None = None  # positions scored through the LM head per forward (None: tokens)
+    logit_bytes: int = 4  # bytes per value of that log-softmax (fp32; the VLM's float64 option: 8)
 
 
 class MemoryEstimate(NamedTuple):
@@ -221,9 +226,10 @@ def activation_bytes(shape: ActivationShape, rows: int, bytes_per_value: int = 2
     tensors = s * b * h * (34 if shape.dropout else 32)  # inputs of the linears, norms and activations (+ masks)
     scores = 0 if shape.flash_attention else a * s * s * b * (5 if shape.dropout else 2)  # softmax (+ dropout)
     per_layer = (tensors + scores) * scale  # bytes of one layer's saved tensors
+    logits = b * (s if shape.logit_tokens is None else shape.logit_tokens) * shape.vocab * shape.logit_bytes
     if not shape.checkpointed:
-        return int(round(L * per_layer))
-    return int(round(L * 2 * s * b * h * scale + per_layer / shape.forwards))  # inputs kept + one layer recomputed
+        return int(round(L * per_layer + logits))
+    return int(round(L * 2 * s * b * h * scale + per_layer / shape.forwards + logits))  # + one layer recomputed
 
 
 def estimate_memory(

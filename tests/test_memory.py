@@ -142,14 +142,17 @@ def test_activation_formula_against_hand_computed_values():
     eager = paper._replace(dropout=False)  # no dropout masks or outputs: 32 s b h + 2 a s^2 b
     assert activation_bytes(eager, rows=2) == 3 * (32 * 16 * 2 * 8 + 2 * 2 * 16 * 16 * 2)
     assert activation_bytes(ActivationShape(16, 8, 2, 3), rows=2) == 3 * 32 * 16 * 2 * 8  # SDPA, eval: the default
+    lm = ActivationShape(16, 8, 2, 3, vocab=100, logit_tokens=5)  # + the fp32 log-softmax over 5 positions
+    assert activation_bytes(lm, rows=2) == 3 * 32 * 16 * 2 * 8 + 2 * 5 * 100 * 4
 
 
-@pytest.mark.parametrize("tokens,hidden,heads,rows", [(16, 512, 8, 16), (128, 128, 4, 8), (96, 96, 4, 16)])
-def test_activation_formula_matches_what_autograd_saves(tokens, hidden, heads, rows):
+@pytest.mark.parametrize("tokens,hidden,heads,rows,vocab", [(16, 512, 8, 16, 0), (128, 128, 4, 8, 0),
+                                                            (96, 96, 4, 16, 0), (16, 256, 4, 16, 8192)])
+def test_activation_formula_matches_what_autograd_saves(tokens, hidden, heads, rows, vocab):
     from mmgrpo.bench.block_policy import BlockModel
 
     torch.manual_seed(0)
-    model = BlockModel(vocab=32, tokens=tokens, hidden=hidden, heads=heads, layers=2)
+    model = BlockModel(vocab=vocab or 32, tokens=tokens, hidden=hidden, heads=heads, layers=2)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -163,7 +166,9 @@ def test_activation_formula_matches_what_autograd_saves(tokens, hidden, heads, r
         x = model.embed(torch.randint(32, (rows, tokens))) + model.position  # [b, s, h]
         for block in model.blocks:
             x = block(x)
-    expected = activation_bytes(ActivationShape(tokens, hidden, heads, 2), rows, bytes_per_value=4)
+        if vocab:  # the LM head's log-softmax, as the adapters' losses take it
+            model.head(x).float().log_softmax(-1)
+    expected = activation_bytes(ActivationShape(tokens, hidden, heads, 2, vocab=vocab), rows, bytes_per_value=4)
     assert abs(sum(saved.values()) / expected - 1) < 0.02  # measured: within 0.6%
 
 

@@ -145,9 +145,11 @@ CHECKPOINTS = [
     Checkpoint("Wan2.1-T2V-14B (33 x 240 x 416)", wan21_14b, lambda: [_t5_xxl_encoder(256384, umt5=True), wan_vae()],
                FLOW_LORA, 32, ActivationShape(9 * 15 * 26, 5120, 40, 40, rows_per_sample=2, checkpointed=True), 2),
     Checkpoint("Qwen2.5-VL-7B (224 px, 512 new tokens)", qwen25_vl_7b, lambda: [],
-               LM_LORA, 8, ActivationShape(64 + 64 + 512, 3584, 28, 28), 8, frozen_prefixes=("model.visual",)),
+               LM_LORA, 8, ActivationShape(64 + 64 + 512, 3584, 28, 28, vocab=152064, logit_tokens=512), 8,
+               frozen_prefixes=("model.visual",)),
     Checkpoint("LLaDA-8B-Instruct (256-token answers)", llada_8b, lambda: [],
-               ("q_proj", "k_proj", "v_proj"), 128, ActivationShape(256 + 256, 4096, 32, 32), 6),
+               ("q_proj", "k_proj", "v_proj"), 128, ActivationShape(256 + 256, 4096, 32, 32, vocab=126464,
+                                                                    logit_tokens=256), 6),
 ]  # fmt: skip
 
 
