@@ -41,9 +41,9 @@ backward recomputes one layer at a time, so one layer's full activations are add
 the log-softmax their loss saves over the LM head: rows x scored tokens x vocab x its bytes (Korthikanti et al.
 leave the output layer out).
 
-The total adds activations to gradients: so it is when an optimizer step runs more than one backward
+The total adds activations to gradients, which is the peak when an optimizer step runs more than one backward
 (several micro-batches or step chunks, as the shipped configs do); a step with a single backward peaks lower,
-since activations are freed as gradients fill. An adapter tells its shape through the optional method
+since its activations are freed as its gradients fill. An adapter tells its shape through the optional method
 `activation_shape(prompts) -> ActivationShape | None` (prompts: some of the run's training prompts, for
 adapters whose sequence length depends on them); without it the activations are "not estimated".
 """
