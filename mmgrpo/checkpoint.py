@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -480,3 +481,26 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = lr
     for p, g in zip(params, grads):
         p.grad = g
+
+
+def read_trained_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The trained weights (or their EMA) of one checkpoint folder as whole tensors, read in this one
+    process whichever way the run wrote them (plain safetensors, or per-process shards)."""
+    state = read_json(folder / "trainer.json")
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise CorruptCheckpoint("trainer.json lacks 'optimizer'")
+    if not state.get("sharded"):
+        return read_tensors(folder / ("ema.safetensors" if ema else "trainable.safetensors"))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    names = check_shards(folder / SHARDED, state["optimizer"]["tensors"], bool(state.get("has_ema")))
+    reader = HuggingFaceStorageReader(str(folder / SHARDED))
+    metadata = reader.read_metadata().state_dict_metadata
+    prefix = "ema/" if ema else "params/"
+    whole = {prefix + n: torch.empty(metadata[prefix + n].size, dtype=metadata[prefix + n].properties.dtype)
+             for n in names}  # fmt: skip
+    with warnings.catch_warnings():  # torch notes that it loads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(whole, storage_reader=reader, no_dist=True)  # each tensor assembled from every process's slices
+    return {k[len(prefix):]: v for k, v in whole.items()}

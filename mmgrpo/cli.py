@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", type=Path, help="run directory (or its metrics.jsonl)")
     plot.add_argument("--out", type=Path, help="PNG path (default: RUN/rewards.png)")
 
+    export = sub.add_parser("export", help="write a run's trained model as one from_pretrained folder (LoRA merged)")
+    export.add_argument("run", type=Path, help="run directory")
+    export.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
+    export.add_argument("--checkpoint", metavar="step_N", help="checkpoint folder to export (default: the latest)")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights (runs with optim.ema_decay)")
+
     demo = sub.add_parser("demo", help="open a page comparing a run's base and trained policies (extra 'demo')")
     demo.add_argument("run", type=Path, help="run directory")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -117,6 +123,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _train(args, parser)
     if args.command == "list":
         return _list()
+    if args.command == "export":
+        return _export(args)
     if args.command == "demo":
         return _demo(args)
     return _plot(args)
@@ -252,6 +260,14 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"mmgrpo: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mmgrpo.export import export_run
+
+    for folder in export_run(args.run, args.out, checkpoint_name=args.checkpoint, ema=args.ema):
+        print(f"wrote {folder}")
     return 0
 
 

@@ -207,15 +207,38 @@ class Finetuning:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(flags[name])
 
-    def shard(self, mixed_precision: str = "no") -> None:
+    def shard(self, mixed_precision: str = "no", units: Sequence[str] = ()) -> None:
         """Shard the trained module, and the frozen reference copy of full fine-tuning, over the processes
-        (FSDP2, mmgrpo.sharding.shard_module; in place, so the adapter's references stay valid)."""
+        (FSDP2, mmgrpo.sharding.shard_module; in place, so the adapter's references stay valid).
+        units: submodules the adapter calls on their own (each gets its own shard unit)."""
         from mmgrpo.sharding import shard_module
 
-        shard_module(self.model, mixed_precision)
+        shard_module(self.model, mixed_precision, units)
         if self._reference_copy is not None:
-            shard_module(self._reference_copy, mixed_precision)
+            shard_module(self._reference_copy, mixed_precision, units)
         self.sharded = True
+
+    def export_pretrained(self, folder: str | Path) -> list[Path]:
+        """Write the trained model as one folder its own class loads with from_pretrained (diffusers or
+        transformers; a plain module gets model.safetensors), LoRA merged into the weights; with LoRA the
+        adapter alone goes to folder/lora too (peft's PeftModel.from_pretrained loads it on the base).
+        Merging changes this module in place: export from a process that trains no further.
+        Returns the folders written."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [folder]
+        model = self.model
+        if self._peft is not None:
+            self._peft.save_pretrained(str(folder / "lora"))
+            written.append(folder / "lora")
+            model = self._peft.merge_and_unload()
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(folder))
+        else:
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        return written
 
     def to(self, device: str | torch.device) -> "Finetuning":
         self.model.to(device)
@@ -246,6 +269,10 @@ class TunedAdapter:
     def shard(self, mixed_precision: str = "no") -> None:
         """Shard the tuned module over the processes (FSDP2; the trainer calls it under an FSDP launch)."""
         self.tuning.shard(mixed_precision)
+
+    def export_pretrained(self, folder: str | Path) -> list[Path]:
+        """The trained module as a from_pretrained folder (LoRA merged; see Finetuning.export_pretrained)."""
+        return self.tuning.export_pretrained(folder)
 
     def to(self, device: str | torch.device) -> Any:
         self.tuning.to(device)

@@ -117,7 +117,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], bool, int]:
         if not isinstance(state, dict) or "step" not in state:
             raise checkpoint.CorruptCheckpoint("trainer.json lacks 'step'")
         uses_ema = bool(state.get("has_ema"))
-        weights = checkpoint.read_tensors(folder / ("ema.safetensors" if uses_ema else "trainable.safetensors"))
+        weights = checkpoint.read_trained_weights(folder, ema=uses_ema)
     except checkpoint.CorruptCheckpoint as e:
         older = [p.name for p in checkpoint.step_dirs(folder.parent) if p != folder]
         hint = f"; compare with an older one: --checkpoint {older[0]}" if older else ""

@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -253,6 +254,13 @@ class MaskedDiffusionAdapter(TunedAdapter):
         return {"text": self.tokenizer.decode(ids[:end], skip_special_tokens=True),
                 "tokens": self.tokenizer.convert_ids_to_tokens(kept), "steps": commit_step[: len(kept)].tolist(),
                 "tokens_per_forward": len(ids) / max(forwards, 1)}
+
+    def export_pretrained(self, folder: str | Path) -> list[Path]:
+        """The trained model as a from_pretrained folder (LoRA merged), with its tokenizer beside it."""
+        written = self.tuning.export_pretrained(folder)
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(folder))
+        return written
 
     # ------------------------------------------------------------------ protocol: log_prob
     def log_prob(self, rollout: Rollout, steps: Sequence[int] | None = None) -> torch.Tensor:

@@ -26,10 +26,11 @@ a text-only AutoModelForCausalLM + tokenizer is the degenerate case.
 
 from __future__ import annotations
 
+
 import inspect
 import itertools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -189,6 +190,16 @@ class VLMAdapter(TunedAdapter):
         self._prompt_counter = itertools.count()
 
     # ------------------------------------------------------------------ state
+    def shard(self, mixed_precision: str = "no") -> None:
+        """Shard the model over the processes (FSDP2). Two things change so that every process runs the same
+        forwards, each through the model's own forward (where FSDP gathers the weights it needs):
+        - vision features are not reused: the tower runs inside every forward instead of once per prompt
+          beforehand (FSDP2 gathers a submodule's weights only inside the root module's forward);
+        - decoding stops only once the rows of every process have ended (as transformers' synced_gpus)."""
+        self.tuning.shard(mixed_precision)
+        self._reuse_family = False
+        self.rules = replace(self.rules, synced=True)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -218,6 +229,13 @@ class VLMAdapter(TunedAdapter):
     def check_prompts(self, prompts: Sequence[Any]) -> None:
         """Before training: one ConfigError line for a prompt without text or with media that cannot be read."""
         self.inputs.check(prompts)
+
+    def export_pretrained(self, folder: str | Path) -> list[Path]:
+        """The trained model as a from_pretrained folder (LoRA merged), with its processor beside it."""
+        written = self.tuning.export_pretrained(folder)
+        if hasattr(self.processor, "save_pretrained"):
+            self.processor.save_pretrained(str(folder))
+        return written
 
     def export(self, sample: str, path: str | Path) -> Path:
         """Write one decoded completion to a UTF-8 text file; returns the path written."""
@@ -250,7 +268,8 @@ class VLMAdapter(TunedAdapter):
         nucleus = torch.full((R,), top_p, device=device)  # [R]
         # Decoding never needs autograd: inference mode skips its bookkeeping (~10% of a small model's
         # decode time on CPU). Its outputs are inference tensors, cloned into ordinary ones here.
-        with torch.inference_mode():
+        # (Sharded weights: plain no_grad, since FSDP's gathered weights are updated in place.)
+        with torch.no_grad() if self.tuning.sharded else torch.inference_mode():
             decoded = self._decode(batch, positions, delta, features, G, T, temp, nucleus, generator)
         tokens, log_probs, lengths, ended = (x.clone() for x in decoded)  # [R, T], [R, T], [R], [R]
 
