@@ -287,3 +287,25 @@ def test_transformer_dims_reads_transformers_llada_and_vlm_configs():
     text = SimpleNamespace(hidden_size=3584, num_attention_heads=28, num_hidden_layers=28)
     assert transformer_dims(SimpleNamespace(text_config=text, hidden_size=1)) == (3584, 28, 28)  # a VLM's text model
     assert transformer_dims(SimpleNamespace(vocab_size=3)) is None and transformer_dims(None) is None
+
+
+def test_vlm_activation_shape_is_the_sequence_its_language_model_sees(tmp_path):
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from mmgrpo.pipelines.vlm import VLMAdapter
+    from mmgrpo.pipelines.vlm.tiny import build_tiny_vlm
+
+    adapter = VLMAdapter(build_tiny_vlm(tmp_path / "vlm", family="qwen2_5_vl"), max_new_tokens=6)
+    prompts = [{"prompt": "What is in the image?", "image": np.full((32, 32, 3), 128, np.uint8)}, "Say hi."]
+    seen = []
+    layers = adapter.model.model.language_model.layers
+    layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
+                                        with_kwargs=True)  # fmt: skip
+    adapter.sample(prompts[:1], 1, torch.Generator().manual_seed(0))
+    shape = adapter.activation_shape(prompts)
+    config = adapter.model.config.text_config
+    assert shape.tokens == seen[0] + 6  # the image prompt (the longer) prefilled, then the completion
+    assert (shape.hidden, shape.heads, shape.layers) == (config.hidden_size, config.num_attention_heads,
+                                                         config.num_hidden_layers)  # fmt: skip
+    assert (shape.vocab, shape.logit_tokens, shape.logit_bytes) == (config.vocab_size, 6, 8)  # float64 log-softmax
