@@ -108,6 +108,7 @@ class ActivationShape(NamedTuple):
     vocab: int = 0  # LM head width: the log-softmax over it is saved for backward (0: no LM head)
     logit_tokens: int | None = None  # positions scored through the LM head per forward (None: tokens)
     logit_bytes: int = 4  # bytes per value of that log-softmax (fp32; the VLM's float64 option: 8)
+    shared_tokens: int = 0  # prompt tokens run once for all rows of a micro-batch sharing the prompt (VLM prefill)
 
 
 class MemoryEstimate(NamedTuple):
@@ -320,6 +321,9 @@ def estimate_for_run(
     W = 1 if mode == "single" else world_size
     local_rows = cfg.train.prompts_per_step * cfg.train.group_size // W
     rows = max(1, min(cfg.train.micro_batch_size, local_rows))
+    if shape is not None and shape.shared_tokens:  # a prompt's prefill serves its rows in the micro-batch
+        sharing = min(cfg.train.group_size, rows)
+        shape = shape._replace(tokens=shape.tokens + -(-shape.shared_tokens // sharing), shared_tokens=0)
     low_precision = cfg.train.mixed_precision == "bf16" or inv.trained_bytes < 4 * _numel(trained)
     return estimate_memory(inv, mode, world_size, shape, rows, bytes_per_activation=2 if low_precision else 4)
 

@@ -195,6 +195,9 @@ def test_estimate_for_run_counts_towers_rows_and_chunks():
     assert est.activations == activation_bytes(shape._replace(forwards=1), rows=4, bytes_per_value=4)
     text = format_estimate(est)
     assert "ddp, 2 processes" in text and "per micro-batch" in text and "buffers" in text
+    prefilled = shape._replace(forwards=1, shared_tokens=9)  # 4 rows of groups of 4 share one prompt's 9 tokens
+    est = estimate_for_run(fake_adapter(prefilled), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
+    assert est.activations == activation_bytes(shape._replace(tokens=10 + 3, forwards=1), rows=4, bytes_per_value=4)
     assert "activations:     not estimated" in format_estimate(estimate_for_run(fake_adapter(), run_config(), 1, "single"))
     assert estimate_for_run(SimpleNamespace(), run_config(), 1, "single") is None
 
@@ -305,7 +308,7 @@ def test_vlm_activation_shape_is_the_sequence_its_language_model_sees(tmp_path):
     adapter.sample(prompts[:1], 1, torch.Generator().manual_seed(0))
     shape = adapter.activation_shape(prompts)
     config = adapter.model.config.text_config
-    assert shape.tokens == seen[0] + 6  # the image prompt (the longer) prefilled, then the completion
+    assert (shape.shared_tokens, shape.tokens) == (seen[0], 6)  # the image prompt (the longer) prefilled, then 6
     assert (shape.hidden, shape.heads, shape.layers) == (config.hidden_size, config.num_attention_heads,
                                                          config.num_hidden_layers)  # fmt: skip
     assert (shape.vocab, shape.logit_tokens, shape.logit_bytes) == (config.vocab_size, 6, 8)  # float64 log-softmax

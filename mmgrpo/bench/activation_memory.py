@@ -1,6 +1,6 @@
 """The activation estimate of mmgrpo.memory against one measured training step of the embedded defaults.
 
-    python -m mmgrpo.bench.activation_memory                    # image, video, mdlm; ~ a minute on 2 CPU cores
+    python -m mmgrpo.bench.activation_memory                    # image, video, vlm, mdlm; ~ a minute on 2 CPU cores
     python -m mmgrpo.bench.activation_memory --modalities mdlm
 
 Each modality runs in a fresh process: its default config's adapter samples one step's rollout
@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-MODALITIES = ("image", "video", "mdlm")
+MODALITIES = ("image", "video", "vlm", "mdlm")
 MARK = "ACTIVATION_MEMORY "
 
 

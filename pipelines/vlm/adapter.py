@@ -227,9 +227,10 @@ class VLMAdapter(TunedAdapter):
         return self.tuning.active(**inputs)
 
     def activation_shape(self, prompts: Sequence[Any] = ()) -> Any:
-        """A training forward for mmgrpo.memory: the longest of `prompts` (text and vision tokens) plus
-        max_new_tokens through the language model, its dims, and the log-softmax over the vocabulary at each
-        completion token in the run's logit dtype. None when the config names no transformer dims."""
+        """A training forward for mmgrpo.memory: max_new_tokens per row through the language model after the
+        longest of `prompts` (text and vision tokens; prefilled once for the rows sharing it), its dims, and the
+        log-softmax over the vocabulary at each completion token in the run's logit dtype. None when the config
+        names no transformer dims."""
         from mmgrpo.memory import ActivationShape, transformer_dims
 
         config = self.model.config
@@ -238,8 +239,8 @@ class VLMAdapter(TunedAdapter):
             return None
         prompt = max((self._encode(p, i)["input_ids"].shape[1] for i, p in enumerate(prompts)), default=0)
         vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", 0) or 0
-        return ActivationShape(prompt + self.max_new_tokens, *dims, vocab=vocab, logit_tokens=self.max_new_tokens,
-                               logit_bytes=torch.finfo(self.rules.logit_dtype).bits // 8)  # fmt: skip
+        return ActivationShape(self.max_new_tokens, *dims, vocab=vocab, logit_tokens=self.max_new_tokens,
+                               logit_bytes=torch.finfo(self.rules.logit_dtype).bits // 8, shared_tokens=prompt)  # fmt: skip
 
     def check_prompts(self, prompts: Sequence[Any]) -> None:
         """Before training: one ConfigError line for a prompt without text or with media that cannot be read."""
