@@ -26,7 +26,7 @@ import torch
 
 from mmgrpo.config import ConfigError
 
-__all__ = ["fsdp_requested", "shard_module", "is_sharded", "full_tensor", "local_bytes"]
+__all__ = ["fsdp_requested", "shard_module", "is_sharded", "full_tensor", "local_bytes", "on_every_process"]
 
 
 def fsdp_requested() -> bool:
@@ -136,3 +136,16 @@ def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
         local = t.to_local() if is_sharded(t) else t
         total += local.numel() * local.element_size()
     return total
+
+
+def on_every_process(flag: bool | torch.Tensor, synced: bool, *, any_: bool = False) -> bool:
+    """`flag` AND-ed (any_=True: OR-ed) over every process when synced (a collective), else `flag` itself.
+
+    With sharded weights a sampler that stops early (every row ended, nothing left to unmask) must go on
+    until every process may stop: each must run as many forwards as the others (transformers' synced_gpus)."""
+    value = torch.as_tensor(flag).float().reshape(1)  # [1]
+    if synced:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if any_ else dist.ReduceOp.MIN)
+    return bool(value.item())

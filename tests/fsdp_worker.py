@@ -75,7 +75,8 @@ def run_case(name: str, case, out: Path, steps: int, resume: bool, die_at: int |
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in adapter.trainable_parameters().items()}, out / f"{name}.init.pt")
     config = {
-        "train": {"max_steps": steps, "prompts_per_step": 2, "group_size": 4, "micro_batch_size": 2, "cpu": True,
+        "train": {"max_steps": steps, "prompts_per_step": PROMPTS_PER_STEP.get(name, 2), "group_size": 4,
+                  "micro_batch_size": 2, "cpu": True,
                   "checkpoint_every": 1, "num_iterations": 2 if name.startswith("mdlm") else 1},
         "loss": {"beta": 0.02},
         "optim": {"lr": 1e-2, "grad_clip": 0.5, "ema_decay": 0.5},
@@ -94,6 +95,19 @@ def run_case(name: str, case, out: Path, steps: int, resume: bool, die_at: int |
         (out / name / "losses.json").write_text(json.dumps([m["loss"] for m in result.metrics]))
 
 
+def build(name: str):
+    """A contract case; "-mixed": the masked-diffusion case with 4 prompts per step, 3 of one length and 1 of
+    another, so one process scores one prompt length and the other two (idle forwards keep them in step)."""
+    if not name.endswith("-mixed"):
+        return CASES[name]()
+    case = CASES[name.removesuffix("-mixed")]()
+    case.prompts = ["A:12+345=", "A:12+346=", "A:12+347=", "C:3,5,7>22="]
+    return case
+
+
+PROMPTS_PER_STEP = {"mdlm-d1-mixed": 4}  # the others: 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -106,7 +120,7 @@ def main() -> None:
     # every case is built before the first run starts torch.distributed (the tiny models are written to disk,
     # which transformers' save_pretrained leaves to the main process once a process group exists)
     torch.manual_seed(0)  # LoRA's initial weights come from the global generator: the same in every launch
-    cases = {name: CASES[name]() for name in args.cases.split(",")}
+    cases = {name: build(name) for name in args.cases.split(",")}
     for name, case in cases.items():
         run_case(name, case, args.out, args.steps, args.resume, args.die_at_step)
 

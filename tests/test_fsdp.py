@@ -24,7 +24,8 @@ from mmgrpo.checkpoint import CorruptCheckpoint, check_shards, read_trained_weig
 from mmgrpo.config import ConfigError
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-CASES = ["toy", "flow-sd3", "flow-wan", "vlm-qwen2", "flow-speech", "mdlm-d1", "mdlm-d1-schedule"]
+CASES = ["toy", "flow-sd3", "flow-wan", "vlm-qwen2", "flow-speech", "mdlm-d1", "mdlm-d1-mixed", "mdlm-bgpo",
+         "mdlm-d1-schedule"]  # mixed: one process scores one prompt length, the other two
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
 
 

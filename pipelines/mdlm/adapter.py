@@ -181,12 +181,18 @@ class MaskedDiffusionAdapter(TunedAdapter):
         forwards = torch.empty(len(rows), dtype=torch.long)  # [N]
         draws, plan = self._schedule_plan(len(rows), generator, evaluate)
         active = torch.zeros(len(rows), 0 if plan is None else self.schedule.slots, dtype=torch.bool)  # [N, S]
-        for length, members in _by_length([encoded[b] for b in rows]).items():
+        groups = _by_length([encoded[b] for b in rows])
+        for _ in range(self._groups_missing(len(groups))):  # sharded: as many denoising runs as every process
+            denoise(self.logits, self._idle_canvas(), Lc, self.mask_id, torch.Generator(generator.device),
+                    block_length=o.block_length, steps=steps, remasking=o.remasking, threshold=o.threshold,
+                    plan=_rows_of(plan, [0]), synced=True)  # fmt: skip
+        for length, members in groups.items():
             prompt = torch.stack([encoded[rows[r]] for r in members])  # [m, P]
             canvas = torch.cat([prompt, torch.full((len(members), Lc), self.mask_id)], dim=1)  # [m, P + Lc]
             done = denoise(self.logits, canvas.to(self.device), Lc, self.mask_id, generator,
                            block_length=o.block_length, steps=steps, temperature=temperature,
-                           remasking=o.remasking, threshold=o.threshold, plan=_rows_of(plan, members))  # fmt: skip
+                           remasking=o.remasking, threshold=o.threshold, plan=_rows_of(plan, members),
+                           synced=self.tuning.sharded)  # fmt: skip
             if done.active is not None:
                 active[members] = done.active.cpu()
             completion[members] = done.canvas[:, length:].cpu()
@@ -295,36 +301,36 @@ class MaskedDiffusionAdapter(TunedAdapter):
         """d1: log p(token | completion masked, prompt partly masked) of each completion token in `steps`."""
         extras = rollout.extras
         Lc = extras["completion_ids"].shape[1]
-        parts = []
-        for length, members in _by_length(extras["prompt_ids"]).items():
+        parts, groups = [], _by_length(extras["prompt_ids"])
+        for length, members in groups.items():
             prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
             target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
             prompt_mask = torch.stack([extras["d1_prompt_mask"][r] for r in members])  # [m, P]
             logits = self.logits(d1_canvas(prompt, prompt_mask, Lc, self.mask_id))[:, length:]  # [m, Lc, V]
             parts.append((members, token_log_probs(logits, target)[:, steps]))  # [m, S]
-        return self._rows_in_order(parts, len(rollout), len(steps))
+        return self._rows_in_order(parts, len(rollout), len(steps), self._idle_forwards(len(groups)))
 
     def _elbo(self, rollout: Rollout, steps: list[int] | None = None) -> torch.Tensor:
         """ELBO terms (L/k) sum_masked log p of the MC samples `steps` (default all) of every row: [n, S]."""
         extras = rollout.extras
         steps = list(range(extras["elbo_masks"].shape[1])) if steps is None else steps
         Lc = extras["completion_ids"].shape[1]
-        parts = []
-        for length, members in _by_length(extras["prompt_ids"]).items():
+        parts, groups = [], _by_length(extras["prompt_ids"])
+        for length, members in groups.items():
             prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
             target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
             masks = extras["elbo_masks"][members][:, steps]  # [m, S, Lc]
             logits = self.logits(elbo_canvas(prompt, target, masks, self.mask_id))[:, length:]  # [m*S, Lc, V]
             logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
             parts.append((members, elbo_terms(logp.view(len(members), len(steps), Lc), masks)))  # [m, S]
-        return self._rows_in_order(parts, len(rollout), len(steps))
+        return self._rows_in_order(parts, len(rollout), len(steps), self._idle_forwards(len(groups)))
 
     def _trajectory(self, rollout: Rollout, steps: list[int]) -> torch.Tensor:
         """TraceRL: log-probs of the tokens committed in each decision's steps, given that decision's canvas."""
         extras, width = rollout.extras, self.options.shrinkage
         starts = [j * width for j in steps]
-        parts = []
-        for length, members in _by_length(extras["prompt_ids"]).items():
+        parts, groups = [], _by_length(extras["prompt_ids"])
+        for length, members in groups.items():
             prompt = torch.stack([extras["prompt_ids"][r] for r in members]).to(self.device)  # [m, P]
             target = extras["completion_ids"][members].to(self.device)  # [m, Lc]
             commit = extras["commit_step"][members]  # [m, Lc]
@@ -333,15 +339,43 @@ class MaskedDiffusionAdapter(TunedAdapter):
             logits = self.logits(canvas)[:, length:] / temperature[:, None, None]  # [m*S, Lc, V]
             logp = token_log_probs(logits, target.repeat_interleave(len(steps), 0))  # [m*S, Lc]
             parts.append((members, trajectory_terms(logp.view(len(members), len(steps), -1), commit, starts, width)))
-        return self._rows_in_order(parts, len(rollout), len(steps))
+        return self._rows_in_order(parts, len(rollout), len(steps), self._idle_forwards(len(groups)))
 
-    def _rows_in_order(self, parts: list[tuple[list[int], torch.Tensor]], n: int, width: int) -> torch.Tensor:
-        """Per-length-group results [m, S] put back in row order: [n, S]."""
+    def _rows_in_order(self, parts: list[tuple[list[int], torch.Tensor]], n: int, width: int,
+                       idle: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-length-group results [m, S] put back in row order: [n, S]. idle: the idle forwards' zero
+        (sharded weights), added so that backward runs through them as through every process's forwards."""
         out = torch.zeros(n, width, device=self.device)
         if not parts or width == 0:
             return out
         index = torch.tensor([r for members, _ in parts for r in members], device=self.device)
-        return out.index_copy(0, index, torch.cat([values for _, values in parts]))  # [n, S]
+        out = out.index_copy(0, index, torch.cat([values for _, values in parts]))  # [n, S]
+        return out if idle is None else out + idle
+
+    # ------------------------------------------------------------------ sharded weights: the same forwards everywhere
+    def _groups_missing(self, count: int) -> int:
+        """How many prompt-length groups fewer than the process with the most this one has (0 unless sharded).
+
+        Rows are scored per prompt length (one forward per length); with sharded weights every process
+        must run as many forwards as the others, so the ones with fewer lengths run idle forwards."""
+        if not self.tuning.sharded:
+            return 0
+        import torch.distributed as dist
+
+        most = torch.tensor([count], device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item()) - count
+
+    def _idle_canvas(self) -> torch.Tensor:
+        """One all-mask row (a 1-token prompt and the completion) that idle forwards run on."""
+        return torch.full((1, 1 + self.options.gen_length), self.mask_id, device=self.device)
+
+    def _idle_forwards(self, count: int) -> torch.Tensor | None:
+        """The idle forwards this process owes (sharded weights), as one zero that depends on them."""
+        missing = self._groups_missing(count)
+        if missing == 0:
+            return None
+        return sum(torch.nan_to_num(self.logits(self._idle_canvas())).sum() * 0.0 for _ in range(missing))
 
     # ------------------------------------------------------------------ trainer hook
     @torch.no_grad()

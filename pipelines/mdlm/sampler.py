@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from mmgrpo.sharding import on_every_process
+
 if TYPE_CHECKING:
     from mmgrpo.pipelines.mdlm.schedule import StepPlan
 
@@ -114,6 +116,7 @@ def denoise(
     remasking: str = "low_confidence",
     threshold: float | None = None,
     plan: StepPlan | None = None,
+    synced: bool = False,
 ) -> Denoised:
     """Fill the last `gen_length` (masked) positions of `canvas` [n, P + Lc].
 
@@ -145,7 +148,7 @@ def denoise(
             counts = [None] * block_length  # as many steps as it takes, at least one token each
         for i, count in enumerate(counts):
             masked = (canvas[:, P:] == mask_id) & in_block  # [n, Lc]
-            if not masked.any():
+            if not on_every_process(masked.any(), synced, any_=True):  # synced: sharded weights, same forwards
                 break
             if count == 0 and plan is None:
                 continue

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from mmgrpo.sharding import on_every_process
+
 
 def sampling_logits(
     logits: torch.Tensor,
@@ -57,17 +59,6 @@ class TokenRules:
     stop_on_eos: bool  # rows stop at their first EOS (the loop ends once every row has)
     logit_dtype: torch.dtype = torch.float64
     synced: bool = False  # sharded weights: the loop ends once every row of EVERY process has ended
-
-
-def all_ended(ended: torch.Tensor, synced: bool) -> bool:
-    """Whether every row has ended; with synced, on every process (a collective, as transformers'
-    synced_gpus: with sharded weights each process must run as many forwards as the others)."""
-    done = ended.all().float().reshape(1)  # [1]
-    if synced:
-        import torch.distributed as dist
-
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
-    return bool(done.item())
 
 
 def decode_masks(prompt_mask: torch.Tensor, steps: int, dtype: torch.dtype, kind: str | None) -> torch.Tensor:
@@ -128,7 +119,7 @@ def draw_tokens(
         tokens[:, t] = token
         log_probs[:, t] = logp.gather(1, drawn)[:, 0].float().masked_fill(done, 0.0)
         ended |= torch.isin(token, eos)  # (a finished row's pad may be an EOS id: it stays ended)
-        if t == steps - 1 or (rules.stop_on_eos and all_ended(ended, rules.synced)):
+        if t == steps - 1 or (rules.stop_on_eos and on_every_process(ended.all(), rules.synced)):
             taken = t + 1
             break
         logits = step(token, t)  # [R, V]
