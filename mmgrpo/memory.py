@@ -256,7 +256,8 @@ def estimate_memory(
     parameters = split(inv.trained_bytes + inv.reference_bytes, shard_weights) + inv.replicated_bytes
     gradients = split(inv.trainable_bytes, shard_grads)
     deepspeed_master = mode.startswith("zero") and inv.trainable_bytes_per_value < 4
-    moments = ZERO_MIXED_PRECISION_OPTIMIZER_BYTES * inv.trainable_count if deepspeed_master else 2 * inv.trainable_bytes
+    moments = ZERO_MIXED_PRECISION_OPTIMIZER_BYTES * inv.trainable_count if deepspeed_master \
+        else 2 * inv.trainable_bytes  # fmt: skip
     optimizer = split(moments, shard_optimizer) + ADAM_STEP_BYTES * inv.trainable_tensors
     acts = None if activations is None else activation_bytes(activations, rows, bytes_per_activation)
     return MemoryEstimate(mode, W, parameters, gradients, optimizer, acts, transient_buffers(inv, mode, W))

@@ -198,7 +198,8 @@ def test_estimate_for_run_counts_towers_rows_and_chunks():
     prefilled = shape._replace(forwards=1, shared_tokens=9)  # 4 rows of groups of 4 share one prompt's 9 tokens
     est = estimate_for_run(fake_adapter(prefilled), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
     assert est.activations == activation_bytes(shape._replace(tokens=10 + 3, forwards=1), rows=4, bytes_per_value=4)
-    assert "activations:     not estimated" in format_estimate(estimate_for_run(fake_adapter(), run_config(), 1, "single"))
+    unknown = estimate_for_run(fake_adapter(), run_config(), 1, "single")
+    assert "activations:     not estimated" in format_estimate(unknown)
     assert estimate_for_run(SimpleNamespace(), run_config(), 1, "single") is None
 
 

@@ -137,8 +137,10 @@ def llada_8b() -> torch.nn.Module:
 # is not in its sequence); rows_per_sample 2 under CFG (sd3.yaml, wan.yaml: guidance 4.5; FLUX is distilled)
 CHECKPOINTS = [
     Checkpoint("SD3.5-Medium (512 px)", sd35_medium,
-               lambda: [_clip_text(768, 12, 12, 3072, 768), _clip_text(1280, 32, 20, 5120, 1280), _t5_xxl_encoder(), _sd_vae()],
-               FLOW_LORA, 32, ActivationShape(32 * 32 + 256 + 77, 1536, 24, 24, rows_per_sample=2, checkpointed=True), 8),
+               lambda: [_clip_text(768, 12, 12, 3072, 768), _clip_text(1280, 32, 20, 5120, 1280), _t5_xxl_encoder(),
+                        _sd_vae()],
+               FLOW_LORA, 32, ActivationShape(32 * 32 + 256 + 77, 1536, 24, 24, rows_per_sample=2, checkpointed=True),
+               8),
     Checkpoint("FLUX.1-dev (512 px)", flux_dev,
                lambda: [_clip_text(768, 12, 12, 3072, None), _t5_xxl_encoder(), _sd_vae()],
                FLOW_LORA, 32, ActivationShape(32 * 32 + 512, 3072, 24, 19 + 38, checkpointed=True), 8),
@@ -161,7 +163,8 @@ def estimates(ckpt: Checkpoint, finetune: str) -> tuple[dict[str, MemoryEstimate
     frozen = tuple(p for p in ckpt.frozen_prefixes if p in dict(model.named_modules()))
     if finetune == "lora":
         lora, tensors = lora_parameter_count(model, ckpt.lora_targets, ckpt.lora_rank, frozen)
-        inv = inventory(model.requires_grad_(False), None, towers, extra_trainable=lora, extra_trainable_tensors=tensors)
+        model.requires_grad_(False)
+        inv = inventory(model, None, towers, extra_trainable=lora, extra_trainable_tensors=tensors)
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(not any(name == f or name.startswith(f + ".") for f in frozen))
@@ -195,10 +198,11 @@ def table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description="Memory per device of the real-checkpoint configs (estimates).").parse_args(argv)
+    parser = argparse.ArgumentParser(description="Memory per device of the real-checkpoint configs (estimates).")
+    parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()  # casting a meta model to bf16 warns about fp32-kept modules: no weights here
+    diffusers_logging.set_verbosity_error()  # casting a meta model to bf16 warns of fp32-kept modules: no weights here
     print(f"Estimated memory per device, GB, at {WORLD_SIZE} x {DEVICE_GB} GB (bf16 weights; 'over': more than "
           f"{DEVICE_GB} GB)")
     print(table())

@@ -38,7 +38,8 @@ MEASURE_AT = 2  # the peak of training step MEASURE_AT - 1 (0-based), read befor
 # what `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets (full shard per Block, fp32 here)
 FSDP_ENV = {
     "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block", "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block", "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
 }  # fmt: skip
 
 

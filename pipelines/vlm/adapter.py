@@ -240,7 +240,8 @@ class VLMAdapter(TunedAdapter):
         prompt = max((self._encode(p, i)["input_ids"].shape[1] for i, p in enumerate(prompts)), default=0)
         vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", 0) or 0
         return ActivationShape(self.max_new_tokens, *dims, vocab=vocab, logit_tokens=self.max_new_tokens,
-                               logit_bytes=torch.finfo(self.rules.logit_dtype).bits // 8, shared_tokens=prompt)  # fmt: skip
+                               logit_bytes=torch.finfo(self.rules.logit_dtype).bits // 8,
+                               shared_tokens=prompt)  # fmt: skip
 
     def check_prompts(self, prompts: Sequence[Any]) -> None:
         """Before training: one ConfigError line for a prompt without text or with media that cannot be read."""
