@@ -279,6 +279,7 @@ def test_mdlm_activation_shape_is_the_canvas_it_scores(tmp_path):
     shape = adapter.activation_shape(prompts)
     assert shape.tokens == seen[0] == len(adapter.encode(prompts[0])) + 8  # the longer prompt sets the canvas
     assert (shape.hidden, shape.heads, shape.layers, shape.forwards) == (16, 2, 2, 1)  # d1: one forward
+    assert (shape.vocab, shape.logit_tokens) == (adapter.model.config.vocab_size, 8)  # log-softmax on the answer
     elbo = MaskedDiffusionAdapter(str(path), finetune="full", keep_reference=False, gen_length=8, steps=4,
                                   estimator="elbo", mc_samples=3)  # fmt: skip
     assert elbo.activation_shape(prompts).forwards == 3

@@ -123,17 +123,20 @@ class MaskedDiffusionAdapter(TunedAdapter):
 
     def activation_shape(self, prompts: Sequence[Any] = ()) -> Any:
         """The canvas of a training forward for mmgrpo.memory: the longest of `prompts` plus gen_length tokens,
-        the model's width and depth, and the forwards a row's decisions take (d1: one; elbo, bgpo: one per MC
-        sample; trajectory: one per decision). None when the model's config names no transformer dims."""
+        the model's width and depth, the forwards a row's decisions take (d1: one; elbo, bgpo: one per MC sample;
+        trajectory: one per decision) and the fp32 log-softmax over the vocabulary at each completion position.
+        None when the model's config names no transformer dims."""
         from mmgrpo.memory import ActivationShape, transformer_dims
 
-        dims = transformer_dims(getattr(self.model, "config", None))
+        config = getattr(self.model, "config", None)
+        dims = transformer_dims(config)
         if dims is None:
             return None
         o = self.options
         prompt = max((len(self.encode(p, i)) for i, p in enumerate(prompts)), default=0)
         forwards = {"d1": 1, "elbo": o.mc_samples, "bgpo": o.mc_samples}.get(o.estimator, -(-o.steps // o.shrinkage))
-        return ActivationShape(prompt + o.gen_length, *dims, forwards=forwards)
+        vocab = getattr(config, "vocab_size", None) or 0
+        return ActivationShape(prompt + o.gen_length, *dims, forwards=forwards, vocab=vocab, logit_tokens=o.gen_length)
 
     # ------------------------------------------------------------------ the model
     def logits(self, canvas: torch.Tensor) -> torch.Tensor:
