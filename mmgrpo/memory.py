@@ -317,6 +317,8 @@ def estimate_for_run(
     shape = shape_of(list(prompts)) if shape_of is not None else None
     if shape is not None and not isinstance(shape, ActivationShape):
         shape = ActivationShape(**dict(shape))
+    if shape is not None and mode == "fsdp2" and _fsdp_checkpointing():  # the launch turns it on (sharding.py)
+        shape = shape._replace(checkpointed=True)
     if shape is not None and cfg.train.step_chunk and cfg.loss.ratio == "token":
         shape = shape._replace(forwards=min(shape.forwards, cfg.train.step_chunk))
     W = 1 if mode == "single" else world_size
@@ -327,6 +329,11 @@ def estimate_for_run(
         shape = shape._replace(tokens=shape.tokens + -(-shape.shared_tokens // sharing), shared_tokens=0)
     low_precision = cfg.train.mixed_precision == "bf16" or inv.trained_bytes < 4 * _numel(trained)
     return estimate_memory(inv, mode, world_size, shape, rows, bytes_per_activation=2 if low_precision else 4)
+
+
+def _fsdp_checkpointing() -> bool:
+    """fsdp_activation_checkpointing of the accelerate config (FSDP_ACTIVATION_CHECKPOINTING in the launch)."""
+    return os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1", "yes")
 
 
 def _numel(module: torch.nn.Module) -> int:

@@ -186,7 +186,7 @@ def run_config(micro_batch_size=4, step_chunk=None, mixed_precision="no"):
     return SimpleNamespace(train=train, loss=SimpleNamespace(ratio="token"))
 
 
-def test_estimate_for_run_counts_towers_rows_and_chunks():
+def test_estimate_for_run_counts_towers_rows_and_chunks(monkeypatch):
     shape = ActivationShape(tokens=10, hidden=32, heads=4, layers=2, forwards=5)
     est = estimate_for_run(fake_adapter(shape), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
     assert est.parameters == (32 * 32 + 32 + 16 + 4) * 4  # the trained layer and the frozen "vae"
@@ -195,6 +195,9 @@ def test_estimate_for_run_counts_towers_rows_and_chunks():
     assert est.activations == activation_bytes(shape._replace(forwards=1), rows=4, bytes_per_value=4)
     text = format_estimate(est)
     assert "ddp, 2 processes" in text and "per micro-batch" in text and "buffers" in text
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")  # an FSDP launch that checkpoints the blocks
+    sharded = estimate_for_run(fake_adapter(shape), run_config(micro_batch_size=64, step_chunk=1), 2, "fsdp2")
+    assert sharded.activations == activation_bytes(shape._replace(forwards=1, checkpointed=True), 4, 4)
     prefilled = shape._replace(forwards=1, shared_tokens=9)  # 4 rows of groups of 4 share one prompt's 9 tokens
     est = estimate_for_run(fake_adapter(prefilled), run_config(micro_batch_size=64, step_chunk=1), 2, "ddp")
     assert est.activations == activation_bytes(shape._replace(tokens=10 + 3, forwards=1), rows=4, bytes_per_value=4)
