@@ -317,3 +317,17 @@ def test_vlm_activation_shape_is_the_sequence_its_language_model_sees(tmp_path):
     assert (shape.hidden, shape.heads, shape.layers) == (config.hidden_size, config.num_attention_heads,
                                                          config.num_hidden_layers)  # fmt: skip
     assert (shape.vocab, shape.logit_tokens, shape.logit_bytes) == (config.vocab_size, 6, 8)  # float64 log-softmax
+
+
+def test_sharding_benchmark_report_computes_its_two_targets():
+    from mmgrpo.bench.sharding_memory import report
+
+    def row(mode, rank, world, weights, peak, estimate):
+        return {"mode": mode, "rank": rank, "world": world, "baseline": 100, "file_backed": 300, "peak": peak,
+                "parameters": weights, "gradients": weights, "optimizer": 2 * weights, "estimate": estimate}  # fmt: skip
+
+    results = {"ddp": [row("ddp", r, 2, 1000, 400 + 4000, 4400) for r in range(2)],
+               "fsdp2": [row("fsdp2", r, 2, 500 + 10 * r, 400 + 2000, 2500) for r in range(2)]}  # fmt: skip
+    text = report(results)
+    assert "FSDP2 / DDP parameter + optimizer bytes per process: 0.510 (target <= 0.6): met" in text  # worst rank
+    assert "estimate / measured peak over baseline: 1.10 to 1.25 (target within 20%): NOT met" in text
