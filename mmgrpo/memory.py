@@ -341,7 +341,8 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+    """GB with two decimals; MB below 1 GB, so a small model does not read 0.00 GB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
 
 
 def format_estimate(est: MemoryEstimate | None) -> str:

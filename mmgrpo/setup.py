@@ -14,6 +14,7 @@ anything is written; so a failed start never leaves a directory that neither a f
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from mmgrpo.checkpoint import TrainState
 from mmgrpo.config import Config, ConfigError, from_dict, load_config, resolve_horizon, resume_config, validate
 from mmgrpo.data import PromptOrder, load_prompts
 from mmgrpo.distributed import Collective, batched_runs, local_runs
+from mmgrpo.memory import estimate_for_run, format_estimate, sharding_mode
 from mmgrpo.optim import build_optimizer, horizon_warning, trainable_weights
 from mmgrpo.protocols import Adapter
 from mmgrpo.registry import ADAPTERS, expand_assets, missing_dependency, resolve
@@ -82,8 +84,17 @@ def prepare(
         torch.set_num_threads(cfg.train.num_threads)
     # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
     # accelerate's state is process-wide and would refuse a second train() with other precision.
-    accelerator = Accelerator(cpu=cfg.train.cpu, **tracking.accelerator_kwargs(cfg.train.log_with, run_path))
+    # several processes on a machine without GPUs run on CPU (gloo): given a GPU config (DDP or FSDP), accelerate
+    # would otherwise set each process up alone
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = cfg.train.cpu or (launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.log_with, run_path))
     comm = Collective(accelerator, mixed_precision=cfg.train.mixed_precision)
+    if launched > 1 and comm.world_size != launched:
+        raise ConfigError(
+            f"the launcher started {launched} processes but accelerate joined {comm.world_size}: each would train "
+            "alone; check the accelerate config (distributed_type) or set train.cpu=true for CPU processes"
+        )
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # once, before anything is built: model init is reproducible
 
@@ -107,6 +118,9 @@ def prepare(
             f"{type(adapter).__name__} scores steps separately: use loss.ratio=token"
         )
     check_before_run(adapter, train_prompts, held_out, cfg, comm)
+    if comm.is_main:  # what one device will hold (memory.py): parameters, gradients, optimizer, activations
+        estimate = estimate_for_run(adapter, cfg, comm.world_size, sharding_mode(accelerator), train_prompts[:8])
+        print(format_estimate(estimate), flush=True)
 
     params = trainable_weights(adapter)
     optimizer, scheduler, ema = build_optimizer(params, cfg.optim, cfg.optim.horizon * cfg.train.num_iterations)
