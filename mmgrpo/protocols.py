@@ -54,6 +54,11 @@ class Adapter(Protocol):
       `step` (0-based; every dynamic-sampling round of that step follows the same call), with the run's
       seed. Sampler choices that must agree across processes (the flow SDE window) derive from these two
       numbers, never from the per-process generator or a count of sample() calls.
+    - `shard(mixed_precision) -> None`: shard the trained weights over the processes with FSDP2 (called at
+      setup under an FSDP launch; pipelines.toolkit.TunedAdapter gives it). Sharded, every process must run
+      the same forwards: samplers that stop early stop only when every process may (sharding.on_every_process).
+    - `export_pretrained(folder) -> list[Path]`: write the trained model as a from_pretrained folder
+      (`mmgrpo export`; TunedAdapter gives it, LoRA merged).
     - `check_prompts(prompts) -> None`: raise one readable ValueError / ConfigError (naming the
       prompt index, the field and the file) for a prompt the adapter cannot take: media that is
       missing or does not decode, a prompt without text. Called on the training and held-out

@@ -11,6 +11,10 @@
                     loss.backward()                                   (memory: one chunk)
             average gradients over processes, clip, optimizer step
 
+Under an FSDP launch the adapter's weights are sharded (sharding.py): FSDP averages their gradients in
+backward, and every process runs the same forwards (the union of the steps each micro-batch scores;
+padding rows that weigh nothing where dynamic sampling kept fewer rows on one process).
+
 Bookkeeping lives next door: setup.py (everything built and checked before the first step),
 rundir.py (run directory), checkpoint.py (TrainState, save, resume), evaluation.py, optim.py
 (optimizer, LR schedule, EMA, clipping), config.validate, tracking.py (TensorBoard, W&B).
@@ -100,7 +104,9 @@ def run_job(job: Job, progress: bool) -> RunResult:
             adapter.begin_step(state.step, cfg.train.seed)
         rollout, stats = collect_rollout(adapter, reward_fns, weights, job.train_prompts, state.order,
                                         state.generator, cfg, comm)
-        padding = stats.pop("padding_rows")  # rows that only keep sharded processes in step
+        padding = stats.pop("padding_rows")  # this process's rows that only keep sharded processes in step
+        if comm.sharded:
+            stats["padding_rows"] = int(comm.sum(padding))  # over all processes
         t_train = time.perf_counter()
         rollouts = iteration_rollouts(adapter, rollout, cfg.train.num_iterations, state.generator, comm.autocast)
         for iteration in range(cfg.train.num_iterations):

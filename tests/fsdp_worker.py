@@ -77,7 +77,8 @@ def run_case(name: str, case, out: Path, steps: int, resume: bool, die_at: int |
     config = {
         "train": {"max_steps": steps, "prompts_per_step": PROMPTS_PER_STEP.get(name, 2), "group_size": 4,
                   "micro_batch_size": 2, "cpu": True,
-                  "checkpoint_every": 1, "num_iterations": 2 if name.startswith("mdlm") else 1},
+                  "checkpoint_every": 1, "num_iterations": 2 if name.startswith("mdlm") else 1,
+                  "dynamic_sampling": name == "toy-dynamic", "dynamic_sampling_max_rounds": 3},
         "loss": {"beta": 0.02},
         "optim": {"lr": 1e-2, "grad_clip": 0.5, "ema_decay": 0.5},
         "eval": {"num_prompts": 0},
@@ -98,6 +99,8 @@ def run_case(name: str, case, out: Path, steps: int, resume: bool, die_at: int |
 def build(name: str):
     """A contract case; "-mixed": the masked-diffusion case with 4 prompts per step, 3 of one length and 1 of
     another, so one process scores one prompt length and the other two (idle forwards keep them in step)."""
+    if name == "toy-dynamic":  # dynamic sampling: the processes keep different numbers of rows (padding)
+        return CASES["toy"]()
     if not name.endswith("-mixed"):
         return CASES[name]()
     case = CASES[name.removesuffix("-mixed")]()
@@ -105,7 +108,7 @@ def build(name: str):
     return case
 
 
-PROMPTS_PER_STEP = {"mdlm-d1-mixed": 4}  # the others: 2
+PROMPTS_PER_STEP = {"mdlm-d1-mixed": 4, "toy-dynamic": 4}  # the others: 2
 
 
 def main() -> None:

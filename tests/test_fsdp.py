@@ -24,8 +24,8 @@ from mmgrpo.checkpoint import CorruptCheckpoint, check_shards, read_trained_weig
 from mmgrpo.config import ConfigError
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-CASES = ["toy", "flow-sd3", "flow-wan", "vlm-qwen2", "flow-speech", "mdlm-d1", "mdlm-d1-mixed", "mdlm-bgpo",
-         "mdlm-d1-schedule"]  # mixed: one process scores one prompt length, the other two
+CASES = ["toy", "toy-dynamic", "flow-sd3", "flow-wan", "vlm-qwen2", "flow-speech", "mdlm-d1", "mdlm-d1-mixed", "mdlm-bgpo",
+         "mdlm-d1-schedule"]  # mixed: one process scores one prompt length, the other two; dynamic: padding rows
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
 
 
@@ -73,6 +73,9 @@ def test_two_sharded_processes_make_the_update_of_one(runs, case):
     losses1, losses2 = (json.loads((d / "losses.json").read_text()) for d in (one, two))
     assert losses2 == pytest.approx(losses1, rel=1e-3, abs=1e-5)
     assert (two / "checkpoints" / "step_000002" / "sharded").is_dir()
+    if case == "toy-dynamic":  # one process kept fewer rows than the other and trained on padding
+        metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+        assert sum(m["padding_rows"] for m in metrics) > 0
 
 
 def test_resume_after_a_kill_is_exact_under_fsdp2(tmp_path):
@@ -163,3 +166,15 @@ def test_a_missing_shard_is_named(runs, tmp_path):
     shards[0].write_bytes(b"not safetensors")
     with pytest.raises(CorruptCheckpoint, match="not a readable safetensors file"):
         check_shards(step / "sharded", state["optimizer"]["tensors"], state["has_ema"])
+
+
+def test_a_deepspeed_launch_is_refused_in_one_line(monkeypatch, tmp_path):
+    from contract_cases import CASES as BUILD
+    from mmgrpo.trainer import train
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    case = BUILD["toy"]()
+    with pytest.raises(ConfigError, match="DeepSpeed launches are not supported.*fsdp2.yaml"):
+        train({"eval": {"num_prompts": 0}}, adapter=case.adapter, rewards={"r": case.reward}, prompts=case.prompts,
+              out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
