@@ -20,16 +20,10 @@ import os
 import subprocess
 import sys
 
+from mmgrpo.bench import status_bytes
+
 MODALITIES = ("image", "video", "vlm", "mdlm")
 MARK = "ACTIVATION_MEMORY "
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def measure(modality: str) -> dict:
@@ -64,11 +58,11 @@ def measure(modality: str) -> dict:
     step()  # first touch of the backward's library code
     for p in params:
         p.grad = None
-    before = _status_bytes("RssAnon")
+    before = status_bytes("RssAnon")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
-    measured = _status_bytes("VmHWM") - _status_bytes("RssFile") - _status_bytes("RssShmem") - before
+    measured = status_bytes("VmHWM") - status_bytes("RssFile") - status_bytes("RssShmem") - before
     return {"modality": modality, "rows": len(rollout), "measured": measured,
             "estimate": estimate.activations + estimate.gradients}  # fmt: skip
 

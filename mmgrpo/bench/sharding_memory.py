@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+from mmgrpo.bench import status_bytes
+
 SIZES = {"full": dict(hidden=512, layers=10, heads=8, tokens=16), "quick": dict(hidden=64, layers=2, heads=4, tokens=8)}
 MODES = ("single", "ddp", "fsdp2")
 MARK = "SHARDING_MEMORY "
@@ -41,14 +43,6 @@ FSDP_ENV = {
     "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block", "FSDP_RESHARD_AFTER_FORWARD": "true",
     "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
 }  # fmt: skip
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def _local_bytes(tensors) -> int:
@@ -75,7 +69,7 @@ def child(mode: str, size: dict[str, int], out: str) -> dict:
     torch.set_num_threads(1)
     PartialState(cpu=True)  # the process group is up before the baseline: its buffers are not training's
     BlockPolicy(tokens=size["tokens"], hidden=8, heads=1, layers=1)  # the libraries it loads (peft) are not either
-    baseline = _status_bytes("RssAnon")  # tensors are anonymous memory; library code is file-backed
+    baseline = status_bytes("RssAnon")  # tensors are anonymous memory; library code is file-backed
     adapter = BlockPolicy(**size)
     config = {
         "modality": "custom", "loss": {"beta": 0.0}, "optim": {"lr": 1e-4, "grad_clip": 1.0},
@@ -98,8 +92,8 @@ def child(mode: str, size: dict[str, int], out: str) -> dict:
         if step == MEASURE_AT:
             params = list(job.state.params.values())
             measured.update(
-                peak=_status_bytes("VmHWM"),
-                file_backed=_status_bytes("RssFile") + _status_bytes("RssShmem"),
+                peak=status_bytes("VmHWM"),
+                file_backed=status_bytes("RssFile") + status_bytes("RssShmem"),
                 parameters=_local_bytes(adapter.tuning.model.parameters()),
                 gradients=_local_bytes(p.grad for p in params if p.grad is not None),
                 optimizer=_local_bytes(t for s in job.state.optimizer.state.values() for t in s.values()
