@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 SAMPLES = (1, 2, 4, 8, 16)
-SIZES = {"full": {"gen_length": 128, "rows": 8, "hidden": 128, "layers": 4},
+SIZES = {"full": {"gen_length": 128, "rows": 16, "hidden": 128, "layers": 4},
          "quick": {"gen_length": 32, "rows": 4, "hidden": 32, "layers": 1}}  # fmt: skip
 
 
