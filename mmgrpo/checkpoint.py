@@ -304,7 +304,7 @@ def load(path: Path, rank: int, world_size: int) -> dict[str, Any]:
         if name not in saved["tensors"]:
             raise CorruptCheckpoint(f"trainer.safetensors lacks {name!r}")
     if saved["sharded"]:
-        saved["param_names"] = check_shards(path / SHARDED, saved["optimizer"]["tensors"], saved["has_ema"])
+        saved["param_names"], _ = check_shards(path / SHARDED, saved["optimizer"]["tensors"], saved["has_ema"])
         saved["params"] = saved["ema"] = None
     else:
         saved["params"] = read_tensors(path / "trainable.safetensors")
@@ -424,10 +424,11 @@ def read_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
 
 
-def check_shards(folder: Path, optimizer_keys: list[str], has_ema: bool) -> list[str]:
-    """The trainable weight names of a sharded checkpoint, after checking that its shard files are readable
-    and that together they cover every element of every weight, EMA and optimizer tensor it lists.
-    Raises CorruptCheckpoint naming the first problem (a missing or truncated shard shows up here)."""
+def check_shards(folder: Path, optimizer_keys: list[str], has_ema: bool) -> tuple[list[str], dict[str, Any]]:
+    """The trainable weight names of a sharded checkpoint and its metadata (key -> size, dtype, slices), after
+    checking that its shard files are readable and that together they cover every element of every weight,
+    EMA and optimizer tensor it lists. Raises CorruptCheckpoint naming the first problem (a missing or
+    truncated shard shows up here)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -448,7 +449,7 @@ def check_shards(folder: Path, optimizer_keys: list[str], has_ema: bool) -> list
         covered = sum(math.prod(c.sizes) for c in meta.chunks) if meta is not None else 0
         if meta is None or covered != math.prod(meta.size):
             raise CorruptCheckpoint(f"{SHARDED}/ lacks {'part of ' if meta is not None else ''}{key!r} (a shard file is missing)")
-    return names
+    return names, metadata
 
 
 def read_header(path: Path) -> None:
@@ -494,13 +495,11 @@ def read_trained_weights(folder: Path, ema: bool = False) -> dict[str, torch.Ten
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    names = check_shards(folder / SHARDED, state["optimizer"]["tensors"], bool(state.get("has_ema")))
-    reader = HuggingFaceStorageReader(str(folder / SHARDED))
-    metadata = reader.read_metadata().state_dict_metadata
+    names, metadata = check_shards(folder / SHARDED, state["optimizer"]["tensors"], bool(state.get("has_ema")))
     prefix = "ema/" if ema else "params/"
     whole = {prefix + n: torch.empty(metadata[prefix + n].size, dtype=metadata[prefix + n].properties.dtype)
              for n in names}  # fmt: skip
     with warnings.catch_warnings():  # torch notes that it loads in one process, which is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(whole, storage_reader=reader, no_dist=True)  # each tensor assembled from every process's slices
+        dcp.load(whole, storage_reader=HuggingFaceStorageReader(str(folder / SHARDED)), no_dist=True)  # each tensor assembled from every process's slices
     return {k[len(prefix):]: v for k, v in whole.items()}

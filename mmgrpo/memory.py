@@ -56,6 +56,8 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 
+from mmgrpo.sharding import fsdp_requested
+
 __all__ = [
     "MODES", "ActivationShape", "MemoryEstimate", "ParameterInventory", "activation_bytes", "estimate_memory",
     "estimate_for_run", "format_estimate", "inventory", "lora_parameter_count", "sharding_mode", "transformer_dims",
@@ -283,7 +285,7 @@ def sharding_mode(accelerator: Any) -> str:
     kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
     if accelerator.num_processes == 1:
         return "single"
-    if kind == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if kind == "FSDP" or fsdp_requested():
         return "fsdp2"
     if kind == "DEEPSPEED":
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}" if accelerator.state.deepspeed_plugin else "ddp"

@@ -84,8 +84,6 @@ def prepare(
         torch.set_num_threads(cfg.train.num_threads)
     # accelerate sets up devices and processes; autocast is ours (Collective.autocast), because
     # accelerate's state is process-wide and would refuse a second train() with other precision.
-    # several processes on a machine without GPUs run on CPU (gloo): given a GPU config (DDP or FSDP), accelerate
-    # would otherwise set each process up alone
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ConfigError(
             "DeepSpeed launches are not supported: mmgrpo's trainer runs its own backward per chunk of decision "
@@ -93,6 +91,8 @@ def prepare(
             "(accelerate launch --config_file configs/accelerate/fsdp2.yaml ...), which also shards gradients "
             "and optimizer state"
         )
+    # several processes on a machine without GPUs run on CPU (gloo): given a GPU config (DDP or FSDP), accelerate
+    # would otherwise set each process up alone
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     cpu = cfg.train.cpu or (launched > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.log_with, run_path))

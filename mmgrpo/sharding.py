@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 
@@ -47,12 +47,9 @@ def fsdp_plugin() -> Any:
     return plugin
 
 
-def shard_module(module: torch.nn.Module, mixed_precision: str = "no", units: Sequence[str] = ()) -> torch.nn.Module:
-    """Shard `module` in place: each block the wrap policy selects, then the submodules named in `units`,
-    then the module itself (its leftovers).
+def shard_module(module: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
+    """Shard `module` in place: each block the wrap policy selects, then the module itself (its leftovers).
 
-    units: submodules an adapter calls on their own rather than through the module's forward (a VLM's
-    vision tower, run once per prompt): each becomes its own unit, so its forward gathers its weights.
     mixed_precision "bf16": blocks compute with bf16 weights and reduce gradients in fp32.
     Returns the same module object (fully_shard changes its class in place), so every reference
     the adapter holds to it stays valid.
@@ -83,10 +80,6 @@ def shard_module(module: torch.nn.Module, mixed_precision: str = "no", units: Se
             if any(refs[i] > n for i, n in inside.items()):
                 continue  # a weight tied outside the block (input embeddings = output head): left to the root
             fully_shard(block, **kwargs)
-    for name in units:
-        unit = module.get_submodule(name)
-        if not isinstance(unit, FSDPModule):
-            fully_shard(unit, **kwargs)
     fully_shard(module, mp_policy=mp)  # the root keeps its leftovers gathered between forward and backward
     return module
 

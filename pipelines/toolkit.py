@@ -207,15 +207,14 @@ class Finetuning:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(flags[name])
 
-    def shard(self, mixed_precision: str = "no", units: Sequence[str] = ()) -> None:
+    def shard(self, mixed_precision: str = "no") -> None:
         """Shard the trained module, and the frozen reference copy of full fine-tuning, over the processes
-        (FSDP2, mmgrpo.sharding.shard_module; in place, so the adapter's references stay valid).
-        units: submodules the adapter calls on their own (each gets its own shard unit)."""
+        (FSDP2, mmgrpo.sharding.shard_module; in place, so the adapter's references stay valid)."""
         from mmgrpo.sharding import shard_module
 
-        shard_module(self.model, mixed_precision, units)
+        shard_module(self.model, mixed_precision)
         if self._reference_copy is not None:
-            shard_module(self._reference_copy, mixed_precision, units)
+            shard_module(self._reference_copy, mixed_precision)
         self.sharded = True
 
     def export_pretrained(self, folder: str | Path) -> list[Path]:
